@@ -1,0 +1,2 @@
+//! Crash-injection property tests over the pure core.
+mod flags;

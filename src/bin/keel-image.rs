@@ -1,0 +1,292 @@
+//! keel-image: the offline image tool. Creates KeelOS disks and reads and changes their slot
+//! flags exactly as keel-init and keel-agent do on a node.
+
+use clap::{Parser, Subcommand};
+use keelos::block::{BlockDevice, FileDevice};
+use keelos::bootctl::{self, store, Slot, DEFAULT_TRIES};
+use keelos::disk::{self, LayoutSpec};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(name = "keel-image", version, about = "KeelOS offline image tool")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Disk tables.
+    #[command(subcommand)]
+    Disk(DiskCmd),
+    /// A/B slot flags.
+    #[command(subcommand)]
+    Slots(SlotsCmd),
+}
+
+#[derive(Subcommand)]
+enum DiskCmd {
+    /// Create DISK (if absent) at the given size and write the KeelOS partition table.
+    Create {
+        disk: PathBuf,
+        /// Disk size in bytes (suffixes K, M, G, T for KiB, MiB, GiB, TiB).
+        #[arg(long, value_parser = parse_size)]
+        size: u64,
+        #[arg(long, value_parser = parse_size, default_value = "16M")]
+        esp_size: u64,
+        #[arg(long, value_parser = parse_size, default_value = "512M")]
+        root_size: u64,
+        /// Default: the rest of the disk.
+        #[arg(long, value_parser = parse_size)]
+        state_size: Option<u64>,
+        /// Logical sector size of the image (512 or 4096).
+        #[arg(long, default_value_t = 512)]
+        sector_size: u64,
+    },
+}
+
+#[derive(Subcommand)]
+enum SlotsCmd {
+    /// Show both slots' flags and what would boot now.
+    Show {
+        disk: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Activate a slot for its first boots (priority 2, N tries, not successful).
+    Activate {
+        disk: PathBuf,
+        slot: Slot,
+        #[arg(long, default_value_t = DEFAULT_TRIES)]
+        tries: u8,
+    },
+    /// Mark a slot successful (what keel-init does once the node is healthy).
+    MarkSuccessful { disk: PathBuf, slot: Slot },
+    /// Roll back from the slot that would boot now to the other one, if it is bootable.
+    Rollback { disk: PathBuf },
+    /// Run the boot-stage choice and write its result, exactly as keel-init does.
+    Boot { disk: PathBuf },
+}
+
+fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, mult) = match s.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let m = match c.to_ascii_uppercase() {
+                'K' => 1u64 << 10,
+                'M' => 1 << 20,
+                'G' => 1 << 30,
+                'T' => 1 << 40,
+                _ => return Err(format!("unknown size suffix {c:?} in {s:?}: use K, M, G or T")),
+            };
+            (&s[..i], m)
+        }
+        _ => (s, 1),
+    };
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size: expected bytes like 1073741824 or 1G"))?;
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("{s:?} is too large"))
+}
+
+/// Open a disk image or device. A regular file's sector size is found from where its GPT
+/// header sits (LBA 1 at 512 or 4096 bytes).
+fn open_disk(path: &Path, writable: bool) -> Result<FileDevice, String> {
+    let dev = FileDevice::open(path, writable).map_err(|e| e.to_string())?;
+    let is_file = std::fs::metadata(path).map(|m| m.is_file()).unwrap_or(false);
+    if is_file {
+        let mut sig = [0u8; 8];
+        if dev.len() >= 4096 + 8 && dev.read_at(4096, &mut sig).is_ok() && &sig == b"EFI PART" {
+            let mut at512 = [0u8; 8];
+            if dev.read_at(512, &mut at512).is_err() || &at512 != b"EFI PART" {
+                return Ok(dev.with_sector_size(4096));
+            }
+        }
+    }
+    Ok(dev)
+}
+
+#[derive(serde::Serialize)]
+struct SlotJson {
+    slot: Slot,
+    label: &'static str,
+    priority: u8,
+    tries: u8,
+    successful: bool,
+    bootable: bool,
+    state: bootctl::SlotState,
+}
+
+#[derive(serde::Serialize)]
+struct ShowJson {
+    slots: Vec<SlotJson>,
+    boot: Option<Slot>,
+    /// A copy of the table that the next change will repair, if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    repair: Option<String>,
+}
+
+fn show(path: &Path, json: bool) -> Result<(), String> {
+    let dev = open_disk(path, false)?;
+    let (layout, flags) = store::load(&dev).map_err(|e| e.to_string())?;
+    let repair = match &layout.table.repair {
+        disk::table::Repair::None => None,
+        disk::table::Repair::Rebuild(which, why) => {
+            Some(format!("{which} table copy is damaged ({why}); the next change rebuilds it"))
+        }
+        disk::table::Repair::Resync => {
+            Some("backup table copy is stale; the next change rewrites it".to_string())
+        }
+    };
+    let out = ShowJson {
+        slots: Slot::ALL
+            .iter()
+            .map(|&s| {
+                let f = flags.get(s);
+                SlotJson {
+                    slot: s,
+                    label: s.label(),
+                    priority: f.priority(),
+                    tries: f.tries(),
+                    successful: f.successful(),
+                    bootable: f.bootable(),
+                    state: f.state(),
+                }
+            })
+            .collect(),
+        boot: flags.preferred(),
+        repair,
+    };
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string(&out).map_err(|e| e.to_string())?
+        );
+        return Ok(());
+    }
+    println!("SLOT  LABEL          PRIORITY  TRIES  SUCCESSFUL  BOOTABLE  STATE");
+    for s in &out.slots {
+        println!(
+            "{:<5} {:<14} {:<9} {:<6} {:<11} {:<9} {:?}",
+            s.slot.letter(),
+            s.label,
+            s.priority,
+            s.tries,
+            u8::from(s.successful),
+            if s.bootable { "yes" } else { "no" },
+            s.state
+        );
+    }
+    match out.boot {
+        Some(s) => println!("boot: {s}"),
+        None => println!("boot: none (no slot is bootable)"),
+    }
+    if let Some(r) = out.repair {
+        println!("note: {r}");
+    }
+    Ok(())
+}
+
+fn change(
+    path: &Path,
+    f: impl FnOnce(bootctl::SlotFlags) -> Result<bootctl::SlotFlags, bootctl::FlagError>,
+) -> Result<bootctl::SlotFlags, String> {
+    let mut dev = open_disk(path, true)?;
+    let (_, flags) = store::update(&mut dev, f).map_err(|e| e.to_string())?;
+    Ok(flags)
+}
+
+fn run(cli: Cli) -> Result<(), String> {
+    match cli.cmd {
+        Cmd::Disk(DiskCmd::Create {
+            disk: path,
+            size,
+            esp_size,
+            root_size,
+            state_size,
+            sector_size,
+        }) => {
+            if size % sector_size != 0 {
+                return Err(format!(
+                    "--size {size} is not a multiple of the {sector_size}-byte sector size"
+                ));
+            }
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(&path)
+                .map_err(|e| format!("cannot create {}: {e}", path.display()))?;
+            let len = file.metadata().map_err(|e| e.to_string())?.len();
+            if len < size {
+                file.set_len(size)
+                    .map_err(|e| format!("cannot size {}: {e}", path.display()))?;
+            } else if len > size {
+                return Err(format!(
+                    "{} is already {len} bytes, larger than --size {size}; refusing to shrink it",
+                    path.display()
+                ));
+            }
+            drop(file);
+            let mut dev = FileDevice::open(&path, true)
+                .map_err(|e| e.to_string())?
+                .with_sector_size(sector_size);
+            let spec = LayoutSpec {
+                esp_size,
+                root_size,
+                state_size,
+            };
+            disk::create(&mut dev, spec).map_err(|e| e.to_string())?;
+            let l = disk::open(&dev).map_err(|e| e.to_string())?;
+            for p in [&l.esp, &l.root_a, &l.root_b, &l.state] {
+                println!("{:<13} offset {:>12}  size {:>12}", p.label, p.offset, p.len);
+            }
+            Ok(())
+        }
+        Cmd::Slots(SlotsCmd::Show { disk, json }) => show(&disk, json),
+        Cmd::Slots(SlotsCmd::Activate { disk, slot, tries }) => {
+            let f = change(&disk, |f| bootctl::activate(f, slot, None, tries))?;
+            println!("slot {slot} activated: {}", f.get(slot));
+            Ok(())
+        }
+        Cmd::Slots(SlotsCmd::MarkSuccessful { disk, slot }) => {
+            let f = change(&disk, |f| bootctl::mark_successful(f, slot))?;
+            println!("slot {slot} marked successful: {}", f.get(slot));
+            Ok(())
+        }
+        Cmd::Slots(SlotsCmd::Rollback { disk }) => {
+            let mut from = None;
+            let f = change(&disk, |f| {
+                let running = f.preferred().ok_or(bootctl::FlagError::NoBootableSlot {
+                    a: f.a,
+                    b: f.b,
+                })?;
+                from = Some(running);
+                bootctl::rollback(f, running)
+            })?;
+            if let Some(from) = from {
+                println!("rolled back from slot {from} to slot {}", from.other());
+            }
+            println!("boot: {}", f.preferred().map_or("none", Slot::letter));
+            Ok(())
+        }
+        Cmd::Slots(SlotsCmd::Boot { disk }) => {
+            let mut dev = open_disk(&disk, true)?;
+            let (_, choice) = store::boot(&mut dev).map_err(|e| e.to_string())?;
+            println!("{}", choice.slot);
+            Ok(())
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("keel-image: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

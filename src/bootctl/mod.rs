@@ -1,0 +1,508 @@
+//! A/B boot flags: which root slot boots, how many tries a new slot has left, and whether it has
+//! proven itself.
+//!
+//! The flags live in the GPT attribute bits of the two root entries, in the ChromeOS layout that
+//! `cgpt`, Flatcar and Bottlerocket use: priority in bits 48-51, tries in 52-55, successful in 56.
+//! Every transition here is a pure function from [`SlotFlags`] to [`SlotFlags`]: no I/O, no
+//! clock. [`store`] reads and commits them on a disk through the crash-safe table writer.
+
+pub mod store;
+
+use serde::Serialize;
+use std::fmt;
+
+/// One of the two root slots.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Slot {
+    A,
+    B,
+}
+
+impl Slot {
+    pub const ALL: [Slot; 2] = [Slot::A, Slot::B];
+
+    pub fn other(self) -> Slot {
+        match self {
+            Slot::A => Slot::B,
+            Slot::B => Slot::A,
+        }
+    }
+
+    /// The GPT partition label of the slot.
+    pub fn label(self) -> &'static str {
+        match self {
+            Slot::A => crate::disk::ROOT_A,
+            Slot::B => crate::disk::ROOT_B,
+        }
+    }
+
+    pub fn letter(self) -> &'static str {
+        match self {
+            Slot::A => "a",
+            Slot::B => "b",
+        }
+    }
+}
+
+impl fmt::Display for Slot {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.letter())
+    }
+}
+
+impl std::str::FromStr for Slot {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "a" | "A" => Ok(Slot::A),
+            "b" | "B" => Ok(Slot::B),
+            other => Err(format!("unknown slot {other:?}: expected a or b")),
+        }
+    }
+}
+
+const PRIORITY_SHIFT: u32 = 48;
+const TRIES_SHIFT: u32 = 52;
+const SUCCESSFUL_BIT: u64 = 1 << 56;
+const NIBBLE: u64 = 0xF;
+
+/// The highest value the 4-bit tries field holds.
+pub const MAX_TRIES: u8 = 15;
+/// The tries a newly activated slot gets unless told otherwise.
+pub const DEFAULT_TRIES: u8 = 3;
+
+/// The whole 64-bit GPT attribute word of a root entry. Only the boot bits are ever changed;
+/// every other bit is carried through untouched.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct BootFlags(pub u64);
+
+impl BootFlags {
+    pub fn priority(self) -> u8 {
+        ((self.0 >> PRIORITY_SHIFT) & NIBBLE) as u8
+    }
+    pub fn tries(self) -> u8 {
+        ((self.0 >> TRIES_SHIFT) & NIBBLE) as u8
+    }
+    pub fn successful(self) -> bool {
+        self.0 & SUCCESSFUL_BIT != 0
+    }
+    /// Whether the boot stage may choose this slot.
+    pub fn bootable(self) -> bool {
+        (self.priority() > 0 && self.tries() > 0) || self.successful()
+    }
+    /// What the flags mean for an operator.
+    pub fn state(self) -> SlotState {
+        if self.successful() {
+            SlotState::Successful
+        } else if self.priority() == 0 {
+            SlotState::Invalid
+        } else if self.tries() > 0 {
+            SlotState::Trying
+        } else {
+            SlotState::Failed
+        }
+    }
+    /// Values above 15 are clamped: the field has four bits.
+    pub fn with_priority(self, p: u8) -> Self {
+        let p = u64::from(p.min(15));
+        BootFlags((self.0 & !(NIBBLE << PRIORITY_SHIFT)) | (p << PRIORITY_SHIFT))
+    }
+    /// Values above 15 are clamped: the field has four bits.
+    pub fn with_tries(self, t: u8) -> Self {
+        let t = u64::from(t.min(MAX_TRIES));
+        BootFlags((self.0 & !(NIBBLE << TRIES_SHIFT)) | (t << TRIES_SHIFT))
+    }
+    pub fn with_successful(self, s: bool) -> Self {
+        if s {
+            BootFlags(self.0 | SUCCESSFUL_BIT)
+        } else {
+            BootFlags(self.0 & !SUCCESSFUL_BIT)
+        }
+    }
+}
+
+impl fmt::Debug for BootFlags {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "priority={} tries={} successful={}",
+            self.priority(),
+            self.tries(),
+            u8::from(self.successful())
+        )
+    }
+}
+
+impl fmt::Display for BootFlags {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self, f)
+    }
+}
+
+/// A slot's condition, derived from its flags.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SlotState {
+    /// Booted and marked healthy.
+    Successful,
+    /// Activated and still has tries left.
+    Trying,
+    /// Activated, ran out of tries without ever being marked successful.
+    Failed,
+    /// Invalidated (being written or never installed).
+    Invalid,
+}
+
+/// The flags of both slots.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct SlotFlags {
+    pub a: BootFlags,
+    pub b: BootFlags,
+}
+
+impl SlotFlags {
+    pub fn get(&self, slot: Slot) -> BootFlags {
+        match slot {
+            Slot::A => self.a,
+            Slot::B => self.b,
+        }
+    }
+    pub fn with(mut self, slot: Slot, f: BootFlags) -> Self {
+        match slot {
+            Slot::A => self.a = f,
+            Slot::B => self.b = f,
+        }
+        self
+    }
+    /// The slot the boot stage would choose now, without changing anything: the bootable slot
+    /// with the highest priority (A on a tie).
+    pub fn preferred(&self) -> Option<Slot> {
+        let mut best: Option<Slot> = None;
+        for s in Slot::ALL {
+            let f = self.get(s);
+            if f.bootable() && best.is_none_or(|b| f.priority() > self.get(b).priority()) {
+                best = Some(s);
+            }
+        }
+        best
+    }
+}
+
+/// A boot flag change that was refused. Nothing was changed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FlagError {
+    /// No slot is bootable: neither has tries left nor was ever marked successful.
+    #[error(
+        "no bootable slot: A has {a}, B has {b}; install an image and activate its slot \
+         (keel-image install, or keel-image slots activate)"
+    )]
+    NoBootableSlot { a: BootFlags, b: BootFlags },
+    /// The target of an update is the slot that is running.
+    #[error("slot {slot} is the running slot; an update may only write the inactive slot")]
+    TargetIsRunning { slot: Slot },
+    /// Tries must fit the 4-bit field and be at least one.
+    #[error("tries must be between 1 and {MAX_TRIES}, got {tries}")]
+    TriesOutOfRange { tries: u8 },
+    /// A rollback target that could not boot.
+    #[error(
+        "cannot roll back to slot {slot}: it is not bootable ({flags}); it has no verified \
+         image or has used up its tries"
+    )]
+    RollbackTargetNotBootable { slot: Slot, flags: BootFlags },
+    /// Only a slot that was activated can be marked successful.
+    #[error(
+        "cannot mark slot {slot} successful: it was invalidated ({flags}) and not activated \
+         since"
+    )]
+    NotActivated { slot: Slot, flags: BootFlags },
+}
+
+/// What the boot stage decided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BootChoice {
+    pub slot: Slot,
+    /// The flags to commit before the root is mounted (tries decremented when the slot has not
+    /// yet been marked successful).
+    pub flags: SlotFlags,
+    /// Whether this boot spends one of the slot's tries.
+    pub tried: bool,
+}
+
+/// The boot stage's choice: the highest-priority bootable slot. If it has not yet been marked
+/// successful one of its tries is spent now, so a slot that keeps failing stops being chosen and
+/// the other one boots again.
+pub fn choose_boot(flags: SlotFlags) -> Result<BootChoice, FlagError> {
+    let slot = flags.preferred().ok_or(FlagError::NoBootableSlot {
+        a: flags.a,
+        b: flags.b,
+    })?;
+    let f = flags.get(slot);
+    if f.successful() {
+        return Ok(BootChoice {
+            slot,
+            flags,
+            tried: false,
+        });
+    }
+    Ok(BootChoice {
+        slot,
+        flags: flags.with(slot, f.with_tries(f.tries() - 1)),
+        tried: true,
+    })
+}
+
+/// Start an update of `target`: invalidate it (priority 0, tries 0, not successful) so that
+/// nothing boots it while it is being written. `running` is the slot the system runs from, if
+/// any (an offline disk has none).
+pub fn start_update(
+    flags: SlotFlags,
+    target: Slot,
+    running: Option<Slot>,
+) -> Result<SlotFlags, FlagError> {
+    if running == Some(target) {
+        return Err(FlagError::TargetIsRunning { slot: target });
+    }
+    let f = flags.get(target);
+    Ok(flags.with(
+        target,
+        f.with_priority(0).with_tries(0).with_successful(false),
+    ))
+}
+
+/// Activate `target` for its first boots: priority 2 with `tries` tries, not yet successful;
+/// the other slot gets priority 1 and stays the fallback.
+pub fn activate(
+    flags: SlotFlags,
+    target: Slot,
+    running: Option<Slot>,
+    tries: u8,
+) -> Result<SlotFlags, FlagError> {
+    if running == Some(target) {
+        return Err(FlagError::TargetIsRunning { slot: target });
+    }
+    if tries == 0 || tries > MAX_TRIES {
+        return Err(FlagError::TriesOutOfRange { tries });
+    }
+    let t = flags.get(target);
+    let o = flags.get(target.other());
+    Ok(flags
+        .with(
+            target,
+            t.with_priority(2).with_tries(tries).with_successful(false),
+        )
+        .with(target.other(), o.with_priority(1)))
+}
+
+/// Mark the running slot successful: it has booted and is healthy, and no longer spends tries.
+pub fn mark_successful(flags: SlotFlags, running: Slot) -> Result<SlotFlags, FlagError> {
+    let f = flags.get(running);
+    if f.priority() == 0 && !f.successful() {
+        return Err(FlagError::NotActivated {
+            slot: running,
+            flags: f,
+        });
+    }
+    Ok(flags.with(running, f.with_successful(true).with_tries(0)))
+}
+
+/// Record that `slot` cannot boot (its root did not mount, say): no tries left and not
+/// successful. Its priority stays, so the flags still show it was activated and failed.
+pub fn mark_failed(flags: SlotFlags, slot: Slot) -> SlotFlags {
+    let f = flags.get(slot);
+    flags.with(slot, f.with_tries(0).with_successful(false))
+}
+
+/// Manual rollback from `running` to the other slot, only when that one is bootable. The other
+/// slot gets priority 2, the running one priority 1 and stays a fallback.
+pub fn rollback(flags: SlotFlags, running: Slot) -> Result<SlotFlags, FlagError> {
+    let target = running.other();
+    let t = flags.get(target);
+    if !t.bootable() {
+        return Err(FlagError::RollbackTargetNotBootable {
+            slot: target,
+            flags: t,
+        });
+    }
+    let r = flags.get(running);
+    Ok(flags
+        .with(target, t.with_priority(2))
+        .with(running, r.with_priority(1)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn f(p: u8, t: u8, s: bool) -> BootFlags {
+        BootFlags(0).with_priority(p).with_tries(t).with_successful(s)
+    }
+    fn pair(a: BootFlags, b: BootFlags) -> SlotFlags {
+        SlotFlags { a, b }
+    }
+
+    #[test]
+    fn bit_layout_matches_chromeos() {
+        let x = f(2, 3, true);
+        assert_eq!(x.0, (2 << 48) | (3 << 52) | (1 << 56));
+        // other attribute bits survive every change
+        let other = BootFlags((1 << 0) | (1 << 60) | (1 << 47));
+        let y = other.with_priority(15).with_tries(15).with_successful(true);
+        assert_eq!(y.0 & !(0x1FF << 48), other.0);
+        assert_eq!(y.with_priority(0).with_tries(0).with_successful(false), other);
+    }
+
+    #[test]
+    fn boot_choice_table() {
+        // (a, b) -> expected slot (None: nothing bootable), expected flags after
+        let cases: Vec<(SlotFlags, Option<Slot>, SlotFlags)> = vec![
+            // never activated: nothing boots
+            (pair(f(0, 0, false), f(0, 0, false)), None, SlotFlags::default()),
+            // A successful, B invalid
+            (
+                pair(f(1, 0, true), f(0, 0, false)),
+                Some(Slot::A),
+                pair(f(1, 0, true), f(0, 0, false)),
+            ),
+            // B freshly activated: it is tried, and a try is spent
+            (
+                pair(f(1, 0, true), f(2, 3, false)),
+                Some(Slot::B),
+                pair(f(1, 0, true), f(2, 2, false)),
+            ),
+            // B on its last try
+            (
+                pair(f(1, 0, true), f(2, 1, false)),
+                Some(Slot::B),
+                pair(f(1, 0, true), f(2, 0, false)),
+            ),
+            // B out of tries: back to A
+            (
+                pair(f(1, 0, true), f(2, 0, false)),
+                Some(Slot::A),
+                pair(f(1, 0, true), f(2, 0, false)),
+            ),
+            // successful with priority 0 is still bootable
+            (
+                pair(f(0, 0, true), f(0, 0, false)),
+                Some(Slot::A),
+                pair(f(0, 0, true), f(0, 0, false)),
+            ),
+            // tie: A wins
+            (
+                pair(f(1, 0, true), f(1, 0, true)),
+                Some(Slot::A),
+                pair(f(1, 0, true), f(1, 0, true)),
+            ),
+            // priority with no tries and not successful is not bootable
+            (pair(f(15, 0, false), f(0, 0, false)), None, SlotFlags::default()),
+        ];
+        for (i, (flags, want, after)) in cases.into_iter().enumerate() {
+            match (choose_boot(flags), want) {
+                (Ok(c), Some(w)) => {
+                    assert_eq!(c.slot, w, "case {i}");
+                    assert_eq!(c.flags, after, "case {i}");
+                    assert_eq!(c.tried, !flags.get(w).successful(), "case {i}");
+                }
+                (Err(FlagError::NoBootableSlot { .. }), None) => {}
+                (got, want) => panic!("case {i}: got {got:?}, want {want:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn tries_run_out_and_the_old_slot_boots_again() {
+        let mut flags = pair(f(1, 0, true), f(0, 0, false));
+        flags = start_update(flags, Slot::B, Some(Slot::A)).unwrap();
+        flags = activate(flags, Slot::B, Some(Slot::A), 3).unwrap();
+        for _ in 0..3 {
+            let c = choose_boot(flags).unwrap();
+            assert_eq!(c.slot, Slot::B);
+            flags = c.flags; // the boot fails: nobody marks it successful
+        }
+        let c = choose_boot(flags).unwrap();
+        assert_eq!(c.slot, Slot::A);
+        assert_eq!(c.flags.get(Slot::B).state(), SlotState::Failed);
+        assert_eq!(c.flags.get(Slot::A).state(), SlotState::Successful);
+    }
+
+    #[test]
+    fn update_then_success() {
+        let mut flags = pair(f(1, 0, true), f(0, 0, false));
+        flags = start_update(flags, Slot::B, Some(Slot::A)).unwrap();
+        assert_eq!(flags.b, f(0, 0, false));
+        flags = activate(flags, Slot::B, Some(Slot::A), DEFAULT_TRIES).unwrap();
+        assert_eq!(flags, pair(f(1, 0, true), f(2, 3, false)));
+        let c = choose_boot(flags).unwrap();
+        flags = mark_successful(c.flags, c.slot).unwrap();
+        assert_eq!(flags, pair(f(1, 0, true), f(2, 0, true)));
+        assert_eq!(choose_boot(flags).unwrap().slot, Slot::B);
+    }
+
+    #[test]
+    fn refused_transitions_are_named() {
+        let flags = pair(f(1, 0, true), f(0, 0, false));
+        assert_eq!(
+            start_update(flags, Slot::A, Some(Slot::A)),
+            Err(FlagError::TargetIsRunning { slot: Slot::A })
+        );
+        assert_eq!(
+            activate(flags, Slot::A, Some(Slot::A), 3),
+            Err(FlagError::TargetIsRunning { slot: Slot::A })
+        );
+        assert_eq!(
+            activate(flags, Slot::B, None, 0),
+            Err(FlagError::TriesOutOfRange { tries: 0 })
+        );
+        assert_eq!(
+            activate(flags, Slot::B, None, 16),
+            Err(FlagError::TriesOutOfRange { tries: 16 })
+        );
+        assert_eq!(
+            rollback(flags, Slot::A),
+            Err(FlagError::RollbackTargetNotBootable {
+                slot: Slot::B,
+                flags: f(0, 0, false)
+            })
+        );
+        assert_eq!(
+            mark_successful(flags, Slot::B),
+            Err(FlagError::NotActivated {
+                slot: Slot::B,
+                flags: f(0, 0, false)
+            })
+        );
+        let msg = choose_boot(SlotFlags::default()).unwrap_err().to_string();
+        assert!(msg.contains("no bootable slot"), "{msg}");
+    }
+
+    #[test]
+    fn rollback_to_a_bootable_slot() {
+        let flags = pair(f(1, 0, true), f(2, 0, true));
+        let r = rollback(flags, Slot::B).unwrap();
+        assert_eq!(r, pair(f(2, 0, true), f(1, 0, true)));
+        assert_eq!(choose_boot(r).unwrap().slot, Slot::A);
+        // a slot still on trial may be rolled back to, while it has tries
+        let flags = pair(f(1, 2, false), f(2, 0, true));
+        assert_eq!(choose_boot(rollback(flags, Slot::B).unwrap()).unwrap().slot, Slot::A);
+        // but not once they are spent
+        let flags = pair(f(1, 0, false), f(2, 0, true));
+        assert!(rollback(flags, Slot::B).is_err());
+    }
+
+    #[test]
+    fn mark_failed_makes_slot_unbootable_and_keeps_priority() {
+        let flags = pair(f(1, 0, true), f(2, 2, false));
+        let after = mark_failed(flags, Slot::B);
+        assert_eq!(after.b, f(2, 0, false));
+        assert_eq!(after.preferred(), Some(Slot::A));
+    }
+
+    #[test]
+    fn slot_parse_and_labels() {
+        assert_eq!("a".parse::<Slot>().unwrap(), Slot::A);
+        assert_eq!("B".parse::<Slot>().unwrap(), Slot::B);
+        assert!("c".parse::<Slot>().is_err());
+        assert_eq!(Slot::B.label(), "MATIC_ROOT_B");
+    }
+}

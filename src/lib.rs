@@ -1,0 +1,10 @@
+//! KeelOS: an immutable, API-driven node OS for Kubernetes.
+//!
+//! The library holds everything the binaries (`keel-image` and, later, `keel-init`,
+//! `keel-agent`, `osctl`) are made of. The core that decides what is written where and what
+//! boots (`bootctl`, `disk`'s table logic) does no I/O of its own beyond the [`block::BlockDevice`]
+//! it is handed, reads no clock and uses no async runtime.
+
+pub mod block;
+pub mod bootctl;
+pub mod disk;
