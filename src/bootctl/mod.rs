@@ -271,7 +271,9 @@ pub fn start_update(
 }
 
 /// Activate `target` for its first boots: priority 2 with `tries` tries, not yet successful;
-/// the other slot gets priority 1 and stays the fallback.
+/// the other slot gets priority 1 and stays the fallback. An other slot that holds nothing
+/// (invalidated, never activated) keeps priority 0: it is no fallback, and the flags should not
+/// pretend it is one that failed.
 pub fn activate(
     flags: SlotFlags,
     target: Slot,
@@ -286,12 +288,17 @@ pub fn activate(
     }
     let t = flags.get(target);
     let o = flags.get(target.other());
+    let o = if o.state() == SlotState::Invalid {
+        o
+    } else {
+        o.with_priority(1)
+    };
     Ok(flags
         .with(
             target,
             t.with_priority(2).with_tries(tries).with_successful(false),
         )
-        .with(target.other(), o.with_priority(1)))
+        .with(target.other(), o))
 }
 
 /// Mark the running slot successful: it has booted and is healthy, and no longer spends tries.
@@ -488,6 +495,13 @@ mod tests {
         // but not once they are spent
         let flags = pair(f(1, 0, false), f(2, 0, true));
         assert!(rollback(flags, Slot::B).is_err());
+    }
+
+    #[test]
+    fn activating_on_an_empty_disk_leaves_the_other_slot_invalid() {
+        let flags = activate(SlotFlags::default(), Slot::B, None, 3).unwrap();
+        assert_eq!(flags, pair(f(0, 0, false), f(2, 3, false)));
+        assert_eq!(flags.a.state(), SlotState::Invalid);
     }
 
     #[test]
