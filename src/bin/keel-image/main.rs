@@ -1,6 +1,8 @@
 //! keel-image: the offline image tool. Creates KeelOS disks and reads and changes their slot
 //! flags exactly as keel-init and keel-agent do on a node.
 
+mod build;
+
 use clap::{Parser, Subcommand};
 use keelos::block::{BlockDevice, FileDevice};
 use keelos::bootctl::{self, store, Slot, DEFAULT_TRIES};
@@ -23,6 +25,9 @@ enum Cmd {
     /// A/B slot flags.
     #[command(subcommand)]
     Slots(SlotsCmd),
+    /// Build release artifacts and bootable disks.
+    #[command(subcommand)]
+    Build(build::BuildCmd),
 }
 
 #[derive(Subcommand)]
@@ -245,6 +250,7 @@ fn run(cli: Cli) -> Result<(), String> {
             }
             Ok(())
         }
+        Cmd::Build(b) => build::run(b),
         Cmd::Slots(SlotsCmd::Show { disk, json }) => show(&disk, json),
         Cmd::Slots(SlotsCmd::Activate { disk, slot, tries }) => {
             let f = change(&disk, |f| bootctl::activate(f, slot, None, tries))?;

@@ -1,0 +1,145 @@
+//! `keel-image build`: release artifacts and bootable disks. Argument parsing and wiring only;
+//! the pipeline is `keelos::image`.
+
+use clap::{Args, Subcommand};
+use keelos::disk::LayoutSpec;
+use keelos::image::debian::PackageCache;
+use keelos::image::release::{self, Broken, ReleaseInputs};
+use keelos::image::{diskimg, ImageError};
+use std::path::{Path, PathBuf};
+
+#[derive(Subcommand)]
+pub enum BuildCmd {
+    /// Build a release into OUT: vmlinuz, initramfs.img, root.img (uncompressed SquashFS),
+    /// root.img.sha256 and release.json.
+    Release(ReleaseArgs),
+    /// Create a bootable disk from a release: its root image in slot A (active, successful),
+    /// STATE with the node's PKI and configuration.
+    Disk(DiskArgs),
+}
+
+#[derive(Args)]
+pub struct ReleaseArgs {
+    /// The version written to /etc/os-release.
+    #[arg(long)]
+    version: String,
+    #[arg(long)]
+    out: PathBuf,
+    /// keel-init binary (default: beside this keel-image).
+    #[arg(long)]
+    init: Option<PathBuf>,
+    /// keel-agent binary (default: beside this keel-image).
+    #[arg(long)]
+    agent: Option<PathBuf>,
+    /// A kubelet binary to carry (none is in Debian's archive).
+    #[arg(long)]
+    kubelet: Option<PathBuf>,
+    /// The repository's image/ directory (versions.env, modules.list, rootfs.list).
+    #[arg(long, default_value = "image")]
+    image_dir: PathBuf,
+    /// Where downloaded Debian packages are kept between builds [env: KEEL_CACHE].
+    #[arg(long)]
+    cache: Option<PathBuf>,
+    /// Tests only: build a deliberately broken release.
+    #[arg(long, value_enum)]
+    broken: Option<Broken>,
+}
+
+#[derive(Args)]
+pub struct DiskArgs {
+    /// A release directory made by `keel-image build release`.
+    #[arg(long)]
+    release: PathBuf,
+    /// The disk image to create (refused if it exists).
+    #[arg(long)]
+    out: PathBuf,
+    /// Disk size (sparse file); suffixes K, M, G.
+    #[arg(long, value_parser = crate::parse_size, default_value = "2G")]
+    size: u64,
+    #[arg(long, value_parser = crate::parse_size, default_value = "384M")]
+    root_size: u64,
+    #[arg(long, value_parser = crate::parse_size, default_value = "16M")]
+    esp_size: u64,
+    /// A directory made by `osctl gen pki` (its ca.crt, agent.crt, agent.key go to the node).
+    #[arg(long)]
+    pki: Option<PathBuf>,
+    /// The node configuration (JSON), stored as /state/config/node.json.
+    #[arg(long)]
+    config: Option<PathBuf>,
+}
+
+fn beside_me(name: &str) -> Result<PathBuf, String> {
+    let me = std::env::current_exe().map_err(|e| format!("cannot find keel-image's path: {e}"))?;
+    Ok(me.with_file_name(name))
+}
+
+pub fn default_cache() -> PathBuf {
+    std::env::var_os("KEEL_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/cache/keelos"))
+}
+
+fn err(e: ImageError) -> String {
+    e.to_string()
+}
+
+pub fn run(cmd: BuildCmd) -> Result<(), String> {
+    match cmd {
+        BuildCmd::Release(a) => {
+            let inputs = ReleaseInputs {
+                image_dir: a.image_dir,
+                cache: PackageCache::new(a.cache.unwrap_or_else(default_cache)),
+                version: a.version,
+                init: match a.init {
+                    Some(p) => p,
+                    None => beside_me("keel-init")?,
+                },
+                agent: match a.agent {
+                    Some(p) => p,
+                    None => beside_me("keel-agent")?,
+                },
+                kubelet: a.kubelet,
+                broken: a.broken,
+            };
+            let r = release::build(&inputs, &a.out).map_err(err)?;
+            println!(
+                "release {} (kernel {}){}",
+                r.version,
+                r.kernel_release,
+                r.broken
+                    .map(|b| format!(", deliberately broken: {b:?}"))
+                    .unwrap_or_default()
+            );
+            println!("  {:<40} {:>12} bytes", r.root.display(), r.root_len);
+            println!(
+                "  {:<40} {:>12} bytes",
+                r.initramfs.display(),
+                r.initramfs_len
+            );
+            println!("  sha256 {}", r.root_sha256);
+            println!("  modules: {}", r.modules.join(" "));
+            Ok(())
+        }
+        BuildCmd::Disk(a) => {
+            let root = a.release.join(release::ROOT_FILE);
+            let inputs = diskimg::DiskInputs {
+                root_image: root,
+                size: a.size,
+                layout: LayoutSpec {
+                    esp_size: a.esp_size,
+                    root_size: a.root_size,
+                    state_size: None,
+                },
+                pki: a.pki,
+                config: a.config,
+            };
+            diskimg::build(&inputs, &a.out).map_err(err)?;
+            println!(
+                "{}: KeelOS disk, slot A holds {} (active, successful)",
+                a.out.display(),
+                Path::new(&a.release).display()
+            );
+            Ok(())
+        }
+    }
+}

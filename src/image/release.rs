@@ -1,0 +1,543 @@
+//! One KeelOS release: the kernel, the initramfs, and the root image, built from the pinned
+//! Debian packages and this repository's binaries.
+//!
+//! Writes only inside the output directory it is given (and the package cache); an existing
+//! output directory's files of the same names are replaced, nothing else there is touched.
+
+use super::audit::{self, LIB_DIRS};
+use super::debian::{PackageCache, Versions};
+use super::modules::{self, ModuleIndex, MANIFEST_PATH};
+use super::stub::{self, Stub};
+use super::tree::{Content, Node, Tree};
+use super::ImageError;
+use sha2::{Digest, Sha256};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// A deliberately broken release, for the rollback tests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Broken {
+    /// keel-agent is a program that exits with status 1 at once: the node never becomes healthy.
+    AgentExits,
+    /// The slot's keel-init exits at once; as PID 1 that is a kernel panic.
+    InitPanics,
+    /// The slot's keel-init sleeps forever: only the watchdog ends the boot.
+    InitHangs,
+    /// The root image's SquashFS superblock is destroyed: the slot does not mount.
+    CorruptSquashfs,
+}
+
+/// What a release is built from.
+#[derive(Debug, Clone)]
+pub struct ReleaseInputs {
+    /// The repository's image/ directory (versions.env, modules.list, rootfs.list).
+    pub image_dir: PathBuf,
+    pub cache: PackageCache,
+    pub version: String,
+    /// keel-init: /init of the initramfs and /sbin/keel-init of the root.
+    pub init: PathBuf,
+    /// keel-agent: /usr/bin/keel-agent of the root.
+    pub agent: PathBuf,
+    /// A kubelet binary to carry, when the operator has one (none is in Debian's archive).
+    pub kubelet: Option<PathBuf>,
+    pub broken: Option<Broken>,
+}
+
+/// The files of a built release, under its output directory.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Release {
+    pub version: String,
+    pub kernel_release: String,
+    pub kernel: PathBuf,
+    pub initramfs: PathBuf,
+    pub root: PathBuf,
+    /// SHA-256 of the uncompressed root image, lowercase hex.
+    pub root_sha256: String,
+    pub root_len: u64,
+    pub initramfs_len: u64,
+    /// Modules in the initramfs, in load order.
+    pub modules: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub broken: Option<Broken>,
+}
+
+pub const KERNEL_FILE: &str = "vmlinuz";
+pub const INITRAMFS_FILE: &str = "initramfs.img";
+pub const ROOT_FILE: &str = "root.img";
+pub const MANIFEST_FILE: &str = "release.json";
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> ImageError {
+    let what = what.into();
+    move |e| ImageError::Io { what, source: e }
+}
+
+fn run(cmd: &mut Command, tool: &'static str) -> Result<(), ImageError> {
+    let out = cmd
+        .output()
+        .map_err(|e| ImageError::Spawn { tool, source: e })?;
+    if !out.status.success() {
+        return Err(ImageError::Tool {
+            tool,
+            status: out.status.to_string(),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
+    }
+    Ok(())
+}
+
+/// Copy `bin` without its debug information into `dir` (our own binaries only; Debian's are
+/// taken as they are). `strip` gives the same output for the same input.
+fn stripped(bin: &Path, dir: &Path, name: &str) -> Result<PathBuf, ImageError> {
+    if !bin.is_file() {
+        return Err(ImageError::MissingInput {
+            what: name.to_string(),
+            path: bin.display().to_string(),
+        });
+    }
+    let out = dir.join(name);
+    run(
+        Command::new("strip")
+            .arg("--strip-debug")
+            .arg("-o")
+            .arg(&out)
+            .arg(bin),
+        "strip",
+    )?;
+    Ok(out)
+}
+
+/// Add every shared library (and loader) the programs in `tree` need, copied from the build
+/// host's library directories, until nothing is missing.
+pub fn add_libraries(tree: &mut Tree, host_root: &Path) -> Result<(), ImageError> {
+    loop {
+        let mut wanted: Vec<(String, PathBuf)> = Vec::new();
+        for (path, node) in tree.entries() {
+            let Node::File { content, .. } = node else {
+                continue;
+            };
+            let data = tree.read(path, content)?;
+            if !super::elf::is_elf(&data) {
+                continue;
+            }
+            let d = super::elf::dynamic(&data).map_err(|e| ImageError::Elf {
+                path: format!("/{path}"),
+                source: e,
+            })?;
+            if let Some(i) = d.interpreter {
+                if !audit::resolves(tree, &i) {
+                    let host = host_root.join(i.trim_start_matches('/'));
+                    if !host.exists() {
+                        return Err(ImageError::MissingLibrary {
+                            lib: i,
+                            program: format!("/{path}"),
+                        });
+                    }
+                    wanted.push((i, host));
+                }
+            }
+            for lib in d.needed {
+                if LIB_DIRS
+                    .iter()
+                    .any(|dir| audit::resolves(tree, &format!("{dir}/{lib}")))
+                {
+                    continue;
+                }
+                let found = LIB_DIRS.iter().find_map(|dir| {
+                    let h = host_root.join(dir.trim_start_matches('/')).join(&lib);
+                    h.is_file().then(|| (format!("{dir}/{lib}"), h))
+                });
+                match found {
+                    Some(f) => wanted.push(f),
+                    None => {
+                        return Err(ImageError::MissingLibrary {
+                            lib,
+                            program: format!("/{path}"),
+                        })
+                    }
+                }
+            }
+        }
+        if wanted.is_empty() {
+            return Ok(());
+        }
+        for (at, host) in wanted {
+            // the real file, not the host's symlink to it
+            let real = std::fs::canonicalize(&host).map_err(io(host.display().to_string()))?;
+            tree.add(
+                &at,
+                Node::File {
+                    content: Content::Host(real),
+                    mode: 0o755,
+                },
+            )?;
+        }
+    }
+}
+
+/// The kernel package's tree (downloaded and extracted once) and its bzImage.
+pub fn kernel(cache: &PackageCache, v: &Versions) -> Result<(PathBuf, PathBuf), ImageError> {
+    let root = cache.extracted(&v.kernel_package, &v.kernel_version)?;
+    let vmlinuz = root.join(format!("boot/vmlinuz-{}", v.kernel_release));
+    if !vmlinuz.is_file() {
+        return Err(ImageError::MissingInput {
+            what: format!("the kernel image of {}", v.kernel_package),
+            path: vmlinuz.display().to_string(),
+        });
+    }
+    Ok((root, vmlinuz))
+}
+
+/// The initramfs tree: `init` as /init, the modules with their manifest, the console node.
+pub fn initramfs_tree(
+    init: Content,
+    kernel_root: &Path,
+    release: &str,
+    module_roots: &[String],
+) -> Result<(Tree, Vec<String>), ImageError> {
+    let idx = ModuleIndex::open(kernel_root, release)?;
+    let mods = idx.resolve(module_roots)?;
+    let mut t = Tree::new();
+    for d in ["dev", "proc", "sys", "run", "tmp", "newroot"] {
+        t.dir(d)?;
+    }
+    // The kernel opens /dev/console for init before devtmpfs is mounted.
+    t.add(
+        "dev/console",
+        Node::CharDevice {
+            major: 5,
+            minor: 1,
+            mode: 0o600,
+        },
+    )?;
+    t.add(
+        "init",
+        Node::File {
+            content: init,
+            mode: 0o755,
+        },
+    )?;
+    for m in &mods {
+        let rel = m.rel.to_string_lossy();
+        t.host_file(
+            &format!("lib/modules/{release}/{rel}"),
+            idx.dir.join(&m.rel),
+            0o644,
+        )?;
+    }
+    t.bytes(MANIFEST_PATH, modules::manifest(release, &mods), 0o644)?;
+    add_libraries(&mut t, Path::new("/"))?;
+    audit::audit(&t)?;
+    Ok((t, mods.into_iter().map(|m| m.name).collect()))
+}
+
+/// zstd-compressed newc archive of `t`.
+pub fn write_initramfs(t: &Tree, out: &Path) -> Result<u64, ImageError> {
+    let cpio = t.write_cpio(Vec::new())?;
+    // Level 19 on one thread: the same archive always compresses to the same bytes.
+    let z = zstd::bulk::compress(&cpio, 19).map_err(io("zstd compression of the initramfs"))?;
+    std::fs::write(out, &z).map_err(io(out.display().to_string()))?;
+    Ok(z.len() as u64)
+}
+
+/// /etc/os-release of a version.
+pub fn os_release(version: &str) -> String {
+    format!(
+        "NAME=\"KeelOS\"\nID=keelos\nVERSION=\"{version}\"\nVERSION_ID=\"{version}\"\n\
+         PRETTY_NAME=\"KeelOS {version}\"\nHOME_URL=\"https://keelos.invalid/\"\n"
+    )
+}
+
+/// The root tree: our binaries, the Debian files of image/rootfs.list with their libraries,
+/// os-release, and the empty mount points keel-init uses.
+pub fn root_tree(
+    init: Content,
+    agent: Content,
+    kubelet: Option<Content>,
+    version: &str,
+    image_dir: &Path,
+    cache: &PackageCache,
+    v: &Versions,
+) -> Result<Tree, ImageError> {
+    let mut t = Tree::new();
+    for d in ["dev", "proc", "sys", "run", "state", "var", "tmp", "etc"] {
+        t.dir(d)?;
+    }
+    t.add(
+        "sbin/keel-init",
+        Node::File {
+            content: init,
+            mode: 0o755,
+        },
+    )?;
+    t.add(
+        "usr/bin/keel-agent",
+        Node::File {
+            content: agent,
+            mode: 0o755,
+        },
+    )?;
+    if let Some(k) = kubelet {
+        t.add(
+            "usr/bin/kubelet",
+            Node::File {
+                content: k,
+                mode: 0o755,
+            },
+        )?;
+    }
+    let list_path = image_dir.join("rootfs.list");
+    let list = std::fs::read_to_string(&list_path).map_err(io(list_path.display().to_string()))?;
+    for (n, line) in list.lines().enumerate() {
+        let line = line.split('#').next().unwrap_or("").trim();
+        if line.is_empty() {
+            continue;
+        }
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let (pkg, src, dst) = match f.as_slice() {
+            [p, s] => (*p, *s, *s),
+            [p, s, d] => (*p, *s, *d),
+            _ => {
+                return Err(ImageError::List {
+                    file: list_path.display().to_string(),
+                    line: n + 1,
+                    why: "expected PACKAGE PATH [IMAGE-PATH]".into(),
+                })
+            }
+        };
+        let version = match pkg {
+            "containerd" => &v.containerd_version,
+            "runc" => &v.runc_version,
+            other => {
+                return Err(ImageError::List {
+                    file: list_path.display().to_string(),
+                    line: n + 1,
+                    why: format!("package {other} has no pinned version in versions.env"),
+                })
+            }
+        };
+        let root = cache.extracted(pkg, version)?;
+        let host = root.join(src.trim_start_matches('/'));
+        if !host.is_file() {
+            return Err(ImageError::MissingInput {
+                what: format!("{src} of package {pkg} {version}"),
+                path: host.display().to_string(),
+            });
+        }
+        let mode = if src.contains("/bin/") || src.contains("/sbin/") {
+            0o755
+        } else {
+            0o644
+        };
+        t.host_file(dst, host, mode)?;
+    }
+    t.bytes("etc/os-release", os_release(version), 0o644)?;
+    add_libraries(&mut t, Path::new("/"))?;
+    audit::audit(&t)?;
+    Ok(t)
+}
+
+/// Build an uncompressed, reproducible SquashFS of `t` at `out`.
+pub fn squashfs(t: &Tree, out: &Path, work: &Path) -> Result<(), ImageError> {
+    let stage = work.join("root");
+    std::fs::create_dir(&stage).map_err(io(stage.display().to_string()))?;
+    t.materialize(&stage)?;
+    let _ = std::fs::remove_file(out);
+    run(
+        Command::new("mksquashfs").arg(&stage).arg(out).args([
+            "-noappend",
+            "-noI",
+            "-noD",
+            "-noF",
+            "-noX",
+            "-all-root",
+            "-mkfs-time",
+            "0",
+            "-all-time",
+            "0",
+            "-no-xattrs",
+            "-reproducible",
+            "-quiet",
+            "-no-progress",
+        ]),
+        "mksquashfs",
+    )
+}
+
+pub fn sha256_file(p: &Path) -> Result<(String, u64), ImageError> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(p).map_err(io(p.display().to_string()))?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut n = 0u64;
+    loop {
+        let k = f.read(&mut buf).map_err(io(p.display().to_string()))?;
+        if k == 0 {
+            break;
+        }
+        h.update(&buf[..k]);
+        n += k as u64;
+    }
+    let hex: String = h.finalize().iter().map(|b| format!("{b:02x}")).collect();
+    Ok((hex, n))
+}
+
+/// Build a release into `out` (created if needed).
+pub fn build(inputs: &ReleaseInputs, out: &Path) -> Result<Release, ImageError> {
+    let versions = Versions::load(&inputs.image_dir.join("versions.env"))?;
+    let mods_path = inputs.image_dir.join("modules.list");
+    let module_roots = modules::parse_list(
+        &std::fs::read_to_string(&mods_path).map_err(io(mods_path.display().to_string()))?,
+    );
+    std::fs::create_dir_all(out).map_err(io(out.display().to_string()))?;
+    let work = tempfile::Builder::new()
+        .prefix(".keel-build-")
+        .tempdir_in(out)
+        .map_err(io(format!("a work directory in {}", out.display())))?;
+    let init = Content::Host(stripped(&inputs.init, work.path(), "keel-init")?);
+    let agent = Content::Host(stripped(&inputs.agent, work.path(), "keel-agent")?);
+    let kubelet = inputs.kubelet.as_ref().map(|k| Content::Host(k.clone()));
+
+    let (kroot, vmlinuz) = kernel(&inputs.cache, &versions)?;
+    let kernel_out = out.join(KERNEL_FILE);
+    std::fs::copy(&vmlinuz, &kernel_out).map_err(io(kernel_out.display().to_string()))?;
+
+    // Stage 1 always comes from the real keel-init: the initramfs is shared by both slots.
+    let (itree, mods) = initramfs_tree(
+        init.clone(),
+        &kroot,
+        &versions.kernel_release,
+        &module_roots,
+    )?;
+    let initramfs = out.join(INITRAMFS_FILE);
+    let initramfs_len = write_initramfs(&itree, &initramfs)?;
+
+    let (slot_init, slot_agent) = match inputs.broken {
+        Some(Broken::AgentExits) => (init, Content::Bytes(stub::elf(&Stub::Exit(1)))),
+        Some(Broken::InitPanics) => (Content::Bytes(stub::elf(&Stub::Exit(1))), agent),
+        Some(Broken::InitHangs) => (Content::Bytes(stub::elf(&Stub::Hang)), agent),
+        Some(Broken::CorruptSquashfs) | None => (init, agent),
+    };
+    let rtree = root_tree(
+        slot_init,
+        slot_agent,
+        kubelet,
+        &inputs.version,
+        &inputs.image_dir,
+        &inputs.cache,
+        &versions,
+    )?;
+    let root = out.join(ROOT_FILE);
+    squashfs(&rtree, &root, work.path())?;
+    if inputs.broken == Some(Broken::CorruptSquashfs) {
+        corrupt_superblock(&root)?;
+    }
+    let (root_sha256, root_len) = sha256_file(&root)?;
+    let sha_file = out.join(format!("{ROOT_FILE}.sha256"));
+    std::fs::write(&sha_file, format!("{root_sha256}  {ROOT_FILE}\n"))
+        .map_err(io(sha_file.display().to_string()))?;
+    let rel = Release {
+        version: inputs.version.clone(),
+        kernel_release: versions.kernel_release.clone(),
+        kernel: kernel_out,
+        initramfs,
+        root,
+        root_sha256,
+        root_len,
+        initramfs_len,
+        modules: mods,
+        broken: inputs.broken,
+    };
+    let mf = out.join(MANIFEST_FILE);
+    let json = serde_json::to_string_pretty(&rel).map_err(|e| ImageError::Io {
+        what: "release.json".into(),
+        source: std::io::Error::other(e),
+    })?;
+    std::fs::write(&mf, json + "\n").map_err(io(mf.display().to_string()))?;
+    Ok(rel)
+}
+
+/// Destroy the SquashFS magic so that the kernel refuses to mount the image.
+pub fn corrupt_superblock(root: &Path) -> Result<(), ImageError> {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(root)
+        .map_err(io(root.display().to_string()))?;
+    f.write_all_at(b"XXXX", 0)
+        .map_err(io(root.display().to_string()))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::panic)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn libraries_of_a_host_program_are_added_and_it_runs_chrooted() {
+        // The host's `true` needs libc and the loader; the closure must make it runnable in a
+        // root that holds nothing else (as root, with chroot, like the image's programs).
+        let mut t = Tree::new();
+        t.host_file("/usr/bin/true", "/usr/bin/true", 0o755)
+            .unwrap();
+        add_libraries(&mut t, Path::new("/")).unwrap();
+        audit::audit(&t).unwrap();
+        assert!(t.get("/lib/x86_64-linux-gnu/libc.so.6").is_some());
+        assert!(t.get("/lib64/ld-linux-x86-64.so.2").is_some());
+        let d = tempfile::tempdir().unwrap();
+        t.materialize(d.path()).unwrap();
+        let st = Command::new("chroot")
+            .arg(d.path())
+            .arg("/usr/bin/true")
+            .status()
+            .unwrap();
+        assert!(st.success(), "chrooted true failed: {st}");
+    }
+
+    #[test]
+    fn a_missing_library_is_named() {
+        let mut t = Tree::new();
+        t.host_file("/usr/bin/true", "/usr/bin/true", 0o755)
+            .unwrap();
+        let empty = tempfile::tempdir().unwrap();
+        let e = add_libraries(&mut t, empty.path()).unwrap_err();
+        assert!(e.to_string().contains("/usr/bin/true"), "{e}");
+    }
+
+    #[test]
+    fn squashfs_is_reproducible_and_corruptible() {
+        let mut t = Tree::new();
+        t.bytes("/etc/os-release", os_release("1.2.3"), 0o644)
+            .unwrap();
+        t.bytes("/sbin/keel-init", stub::elf(&Stub::Exit(0)), 0o755)
+            .unwrap();
+        for d in ["proc", "sys", "state"] {
+            t.dir(d).unwrap();
+        }
+        let w1 = tempfile::tempdir().unwrap();
+        let w2 = tempfile::tempdir().unwrap();
+        let (a, b) = (w1.path().join("a.img"), w2.path().join("b.img"));
+        squashfs(&t, &a, w1.path()).unwrap();
+        squashfs(&t, &b, w2.path()).unwrap();
+        let (ha, la) = sha256_file(&a).unwrap();
+        assert_eq!(
+            (ha.clone(), la),
+            sha256_file(&b).unwrap(),
+            "same tree, same image"
+        );
+        assert_eq!(&std::fs::read(&a).unwrap()[..4], b"hsqs");
+        // uncompressed: the file's bytes are in the image as they are
+        assert!(std::fs::read(&a)
+            .unwrap()
+            .windows(15)
+            .any(|w| w == b"VERSION=\"1.2.3\""));
+        corrupt_superblock(&a).unwrap();
+        assert_ne!(sha256_file(&a).unwrap().0, ha);
+        assert_ne!(&std::fs::read(&a).unwrap()[..4], b"hsqs");
+    }
+
+    #[test]
+    fn os_release_names_the_version() {
+        assert!(os_release("2.0.1").contains("VERSION_ID=\"2.0.1\"\n"));
+    }
+}
