@@ -86,7 +86,7 @@ fn run(cmd: &mut Command, tool: &'static str) -> Result<(), ImageError> {
     Ok(())
 }
 
-/// Copy `bin` without its debug information into `dir` (our own binaries only; Debian's are
+/// Copy `bin` into `dir` without its debug information, if it has any (our own binaries only; Debian's are
 /// taken as they are). `strip` gives the same output for the same input.
 fn stripped(bin: &Path, dir: &Path, name: &str) -> Result<PathBuf, ImageError> {
     if !bin.is_file() {
@@ -96,6 +96,17 @@ fn stripped(bin: &Path, dir: &Path, name: &str) -> Result<PathBuf, ImageError> {
         });
     }
     let out = dir.join(name);
+    let data = std::fs::read(bin).map_err(io(bin.display().to_string()))?;
+    let has_debug = super::elf::section(&data, ".debug_info")
+        .map_err(|e| ImageError::Elf {
+            path: bin.display().to_string(),
+            source: e,
+        })?
+        .is_some();
+    if !has_debug {
+        std::fs::write(&out, &data).map_err(io(out.display().to_string()))?;
+        return Ok(out);
+    }
     run(
         Command::new("strip")
             .arg("--strip-debug")
