@@ -143,7 +143,9 @@ pub struct DeviceStream<D> {
 
 impl<D> std::fmt::Debug for DeviceStream<D> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("DeviceStream").field("pos", &self.pos).finish()
+        f.debug_struct("DeviceStream")
+            .field("pos", &self.pos)
+            .finish()
     }
 }
 
