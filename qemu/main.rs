@@ -7,6 +7,7 @@
 #![allow(clippy::unwrap_used, clippy::panic)] // test code: a failed step is a failed test
 
 mod harness;
+mod server;
 
 use harness::{scratch, timing, Vm, VmSpec};
 use keelos::image::release;
