@@ -8,3 +8,4 @@
 pub mod block;
 pub mod bootctl;
 pub mod disk;
+pub mod update;
