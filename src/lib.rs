@@ -7,4 +7,7 @@
 
 pub mod block;
 pub mod bootctl;
+pub mod config;
+pub mod control;
 pub mod disk;
+pub mod init;
