@@ -576,7 +576,23 @@ fn spawn(
         .stdout(Stdio::from(w.try_clone()?))
         .stderr(Stdio::from(w))
         .process_group(0);
-    // std resets the signal mask and dispositions keel-init changed before exec
+    // keel-init blocks the signals it reads through a signalfd, and exec keeps a blocked mask
+    // and ignored dispositions: give the service a clean slate
+    // SAFETY: the closure only calls async-signal-safe functions (sigemptyset, sigprocmask,
+    // signal) between fork and exec
+    unsafe {
+        cmd.pre_exec(|| {
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
+            for sig in 1..32 {
+                if sig != libc::SIGKILL && sig != libc::SIGSTOP {
+                    libc::signal(sig, libc::SIG_DFL);
+                }
+            }
+            Ok(())
+        });
+    }
     let child = cmd.spawn()?;
     // dropping the handle neither waits nor kills: the supervisor reaps with waitpid(-1)
     let pid = Pid::from_raw(child.id() as i32);
