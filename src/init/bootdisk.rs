@@ -170,8 +170,8 @@ struct LoopConfig {
     reserved: [u64; 8],
 }
 
-/// A read-only loop device over a byte range of a file. It detaches itself when the last user
-/// (this handle, or a mount of it) goes away.
+/// A loop device over a byte range of a file (read-only for root slots, writable for STATE). It
+/// detaches itself when the last user (this handle, or a mount of it) goes away.
 #[derive(Debug)]
 pub struct LoopDevice {
     pub path: PathBuf,
@@ -179,8 +179,16 @@ pub struct LoopDevice {
 }
 
 impl LoopDevice {
-    pub fn attach(backing: &Path, offset: u64, len: u64) -> std::io::Result<LoopDevice> {
-        let file = File::open(backing)?;
+    pub fn attach(
+        backing: &Path,
+        offset: u64,
+        len: u64,
+        writable: bool,
+    ) -> std::io::Result<LoopDevice> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(writable)
+            .open(backing)?;
         let ctl = OpenOptions::new()
             .read(true)
             .write(true)
@@ -204,12 +212,12 @@ impl LoopDevice {
                 )
                 .map_err(std::io::Error::from)?;
             }
-            let dev = OpenOptions::new().read(true).open(&path)?;
+            let dev = OpenOptions::new().read(true).write(writable).open(&path)?;
             // SAFETY: LoopInfo64 is plain data; all zeroes is a valid value
             let mut info: LoopInfo64 = unsafe { std::mem::zeroed() };
             info.lo_offset = offset;
             info.lo_sizelimit = len;
-            info.lo_flags = LO_FLAGS_READ_ONLY | LO_FLAGS_AUTOCLEAR;
+            info.lo_flags = LO_FLAGS_AUTOCLEAR | if writable { 0 } else { LO_FLAGS_READ_ONLY };
             let cfg = LoopConfig {
                 fd: file.as_raw_fd() as u32,
                 block_size: 0,
@@ -262,12 +270,14 @@ pub struct PartitionSource {
 }
 
 /// The device to mount `part` of `disk` from: the kernel's partition device when `disk` is a
-/// block device with one, else a loop device over the partition's bytes.
+/// block device with one, else a loop device over the partition's bytes (writable only when
+/// `writable`).
 pub fn partition_source(
     disk: &Path,
     part: &Partition,
     sector_size: u64,
     sys_block: &Path,
+    writable: bool,
 ) -> std::io::Result<PartitionSource> {
     let is_block = std::fs::metadata(disk)
         .map(|m| m.file_type().is_block_device())
@@ -284,7 +294,7 @@ pub fn partition_source(
             }
         }
     }
-    let l = LoopDevice::attach(disk, part.offset, part.len)?;
+    let l = LoopDevice::attach(disk, part.offset, part.len, writable)?;
     Ok(PartitionSource {
         path: l.path.clone(),
         loop_dev: Some(l),
@@ -356,7 +366,7 @@ pub fn boot_root(
     ));
     let part = layout.root(slot).clone();
     let _ = std::fs::create_dir_all(target);
-    let attempt = partition_source(disk, &part, ss, sys_block)
+    let attempt = partition_source(disk, &part, ss, sys_block, false)
         .map_err(|e| {
             (
                 "loop device".to_string(),
@@ -405,7 +415,7 @@ pub fn mount_state(
     target: &Path,
     sys_block: &Path,
 ) -> Result<PathBuf, String> {
-    let src = partition_source(disk, &root.layout.state, root.sector_size, sys_block)
+    let src = partition_source(disk, &root.layout.state, root.sector_size, sys_block, true)
         .map_err(|e| format!("cannot reach STATE on {}: {e}", disk.display()))?;
     let _ = std::fs::create_dir_all(target);
     nix::mount::mount(
