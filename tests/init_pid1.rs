@@ -113,12 +113,21 @@ impl Node {
             .stderr(stderr)
             .spawn()
             .expect("unshare: util-linux is needed (ci/install-deps)");
-        let node = Node { unshare, dir, sock };
-        node.wait("the control socket", || {
-            Client::connect(&node.sock, Duration::from_secs(5))
-                .ok()
-                .map(|_| ())
-        });
+        let mut node = Node { unshare, dir, sock };
+        let start = Instant::now();
+        while Client::connect(&node.sock, Duration::from_secs(5)).is_err() {
+            if let Ok(Some(st)) = node.unshare.try_wait() {
+                panic!(
+                    "unshare/keel-init ended ({st}) before serving; these tests need root. \
+                     keel-init said:\n{}",
+                    node.init_log()
+                );
+            }
+            if start.elapsed() > PATIENCE {
+                panic!("no control socket; keel-init said:\n{}", node.init_log());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
         node
     }
 
@@ -395,7 +404,7 @@ fn shutdown_stops_all_in_reverse_order_and_kills_what_ignores_sigterm() {
     let stops: Vec<&str> = log
         .lines()
         .filter(|l| l.contains(": stopping: SIGTERM"))
-        .map(|l| l.split(':').nth(1).unwrap_or("").trim())
+        .filter_map(|l| l.split("] ").nth(1)?.split(':').next())
         .collect();
     assert_eq!(stops, ["polite", "stubborn", "keel-agent"], "{log}");
     // polite ended by SIGTERM, within the grace period; stubborn needed SIGKILL after it
@@ -608,11 +617,28 @@ fn a_missed_boot_deadline_reboots_without_marking() {
     assert!(!f.b.successful(), "{f:?}");
 }
 
+fn outside_a_pid_namespace_keel_init_refuses_to_run() {
+    let out = Command::new(KEEL_INIT)
+        .args(["--stage", "2"])
+        .output()
+        .expect("run keel-init");
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("must run as PID 1") && err.contains("unshare --pid"),
+        "{err}"
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 
 type Test = (&'static str, fn());
 
 const TESTS: &[Test] = &[
+    (
+        "outside_a_pid_namespace_keel_init_refuses_to_run",
+        outside_a_pid_namespace_keel_init_refuses_to_run,
+    ),
     (
         "a_service_that_exits_is_restarted_with_backoff",
         a_service_that_exits_is_restarted_with_backoff,
@@ -663,11 +689,12 @@ fn main() {
     println!("\nrunning {} tests", chosen.len());
     let mut failed = Vec::new();
     for (name, f) in &chosen {
-        println!("test {name} ...");
+        print!("test {name} ... ");
+        std::io::stdout().flush().ok();
         match std::panic::catch_unwind(f) {
-            Ok(()) => println!("test {name} ... ok"),
+            Ok(()) => println!("ok"),
             Err(_) => {
-                println!("test {name} ... FAILED");
+                println!("\ntest {name} ... FAILED");
                 failed.push(*name);
             }
         }

@@ -20,8 +20,9 @@ pub enum ManifestError {
     NotAModule { line: usize, path: String },
 }
 
-/// Parse a manifest into the module files to load, in order. Every bad line is reported.
-pub fn parse_manifest(text: &str, dir: &Path) -> Result<Vec<PathBuf>, Vec<ManifestError>> {
+/// Parse a manifest into the module files to load, in order, and every line that cannot be
+/// used (those are left out; the rest still load).
+pub fn parse_manifest(text: &str, dir: &Path) -> (Vec<PathBuf>, Vec<ManifestError>) {
     let mut out: Vec<(PathBuf, usize)> = Vec::new();
     let mut errs = Vec::new();
     for (n, raw) in text.lines().enumerate() {
@@ -55,11 +56,7 @@ pub fn parse_manifest(text: &str, dir: &Path) -> Result<Vec<PathBuf>, Vec<Manife
         }
         out.push((path, line));
     }
-    if errs.is_empty() {
-        Ok(out.into_iter().map(|(p, _)| p).collect())
-    } else {
-        Err(errs)
-    }
+    (out.into_iter().map(|(p, _)| p).collect(), errs)
 }
 
 /// What happened to one module.
@@ -125,30 +122,10 @@ pub fn load_all(manifest: &Path, log: &mut dyn FnMut(String)) {
         }
     };
     let dir = manifest.parent().unwrap_or(Path::new("/"));
-    let paths = match parse_manifest(&text, dir) {
-        Ok(p) => p,
-        Err(errs) => {
-            for e in errs {
-                log(e.to_string());
-            }
-            // load what the valid lines name, in order
-            let mut seen = Vec::new();
-            for l in text.lines() {
-                let e = l.split('#').next().unwrap_or("").trim();
-                if !e.is_empty() && e.contains(".ko") {
-                    let p = if e.starts_with('/') {
-                        PathBuf::from(e)
-                    } else {
-                        dir.join(e)
-                    };
-                    if !seen.contains(&p) {
-                        seen.push(p);
-                    }
-                }
-            }
-            seen
-        }
-    };
+    let (paths, errs) = parse_manifest(&text, dir);
+    for e in errs {
+        log(e.to_string());
+    }
     for p in paths {
         match load_one(&p) {
             ModuleOutcome::Loaded => log(format!("module {} loaded", p.display())),
@@ -173,7 +150,8 @@ mod tests {
                     /lib/modules/x/kernel/drivers/block/virtio_blk.ko.xz\n\
                     kernel/drivers/watchdog/watchdog.ko\n\
                     kernel/drivers/watchdog/i6300esb.ko\n";
-        let got = parse_manifest(text, Path::new("/lib/modules/6.1.0")).unwrap();
+        let (got, errs) = parse_manifest(text, Path::new("/lib/modules/6.1.0"));
+        assert_eq!(errs, []);
         let got: Vec<_> = got
             .iter()
             .map(|p| p.to_string_lossy().into_owned())
@@ -192,8 +170,12 @@ mod tests {
 
     #[test]
     fn bad_lines_are_all_reported() {
-        let text = "a.ko\nb.txt\na.ko\n";
-        let errs = parse_manifest(text, Path::new("/m")).unwrap_err();
+        let text = "a.ko\nb.txt\na.ko\nc.ko.zst\n";
+        let (paths, errs) = parse_manifest(text, Path::new("/m"));
+        assert_eq!(
+            paths,
+            [PathBuf::from("/m/a.ko"), PathBuf::from("/m/c.ko.zst")]
+        );
         assert_eq!(
             errs,
             [
