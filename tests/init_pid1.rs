@@ -493,6 +493,13 @@ fn control_socket_rss_and_reboot_with_three_services() {
     drop(follow);
     println!("    followed chatty's log from line {last} to {newer}");
 
+    // keel-init's own log is readable the same way
+    let own = node
+        .client()
+        .logs("keel-init", None)
+        .expect("keel-init's log");
+    assert!(own.contains("idle: restart requested"), "{own}");
+
     // a client of another protocol version is told which one this is
     let mut raw = std::os::unix::net::UnixStream::connect(&node.sock).expect("connect raw");
     raw.write_all(b"{\"v\":9,\"op\":\"list_services\"}\n")

@@ -438,6 +438,12 @@ impl NodeConfig {
                      a letter or digit"
                 ));
             }
+            if s.name == crate::init::log::SELF {
+                errs.push(format!(
+                    "{at}: the name {} is keel-init's own (its log file); choose another",
+                    s.name
+                ));
+            }
             if names.insert(s.name.as_str(), i).is_some() {
                 errs.push(format!(
                     "{at}: another service has the same name; names must be unique"
@@ -686,7 +692,8 @@ mod tests {
                 {"name": "b", "path": "/bin/b", "after": ["a"],
                  "backoff": {"initial_ms": 0, "max_ms": 0}},
                 {"name": "b", "path": "/bin/b2"},
-                {"name": "../etc", "path": "/x", "env": {"A=B": "c"}}
+                {"name": "../etc", "path": "/x", "env": {"A=B": "c"}},
+                {"name": "keel-init", "path": "/sbin/keel-init"}
             ],
             "health": {"agent_addr": "nowhere", "required": ["kubelet"],
                        "window_secs": 60, "boot_deadline_secs": 30},
@@ -706,6 +713,7 @@ mod tests {
             "services[2] (b): another service has the same name",
             "services[3] (../etc): name must be",
             "services[3] (../etc): environment variable \"A=B\"",
+            "services[4] (keel-init): the name keel-init is keel-init's own",
             "services: the start order has a cycle: a -> b -> a",
             "services: there is no keel-agent service",
             "health.agent_addr: \"nowhere\"",
@@ -726,7 +734,7 @@ mod tests {
         let err = parse(Path::new("/state/config/node.json"), text).unwrap_err();
         let msg = err.to_string();
         assert!(
-            msg.contains("/state/config/node.json has 19 problem(s)"),
+            msg.contains("/state/config/node.json has 20 problem(s)"),
             "{msg}"
         );
     }

@@ -10,6 +10,7 @@ use super::bootdisk::open_disk;
 use super::cmdline::{self, KernelParams};
 use super::health::{BootHealth, HealthAction, HealthWindow, Observation, WatchdogAction};
 use super::log;
+use super::logfile::{log_path, LogFile};
 use super::mounts;
 use super::net;
 use super::server::{Command, Server, ShutdownKind};
@@ -239,7 +240,17 @@ pub fn run(opts: &Stage2Options) -> ShutdownKind {
             }
         }
     };
-    let server = match Server::start(&opts.control, sup.names(), sup.log_dir().to_path_buf()) {
+    match LogFile::open(
+        log_path(sup.log_dir(), super::log::SELF),
+        cfg.logs.max_bytes,
+        cfg.logs.keep,
+    ) {
+        Ok(f) => super::log::log_to_file(f),
+        Err(e) => log(format!("cannot keep keel-init's own log on STATE: {e}")),
+    }
+    let mut names = sup.names();
+    names.push(super::log::SELF.to_string());
+    let server = match Server::start(&opts.control, names, sup.log_dir().to_path_buf()) {
         Ok(s) => Some(s),
         Err(e) => {
             log(format!(
