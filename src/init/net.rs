@@ -262,6 +262,46 @@ mod tests {
         assert_eq!(choose_interface(&[nic("lo", None)]), None);
     }
 
+    /// A static address and default route on an Ethernet-like interface (one end of a veth
+    /// pair, made by the test host's `ip`; the image has none) in a new network namespace.
+    #[test]
+    fn static_address_and_default_route_on_a_veth() {
+        let t = std::thread::spawn(|| {
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
+                .expect("unshare(CLONE_NEWNET): run the tests as root");
+            // children forked from this thread start in its network namespace
+            let ip = |args: &[&str]| {
+                let st = std::process::Command::new("ip")
+                    .args(args)
+                    .status()
+                    .expect("ip: install iproute2 (ci/install-deps)");
+                assert!(st.success(), "ip {args:?}");
+            };
+            ip(&[
+                "link", "add", "eth0", "type", "veth", "peer", "name", "peer0",
+            ]);
+            ip(&["link", "set", "peer0", "up"]);
+            let cidr: Ipv4Cidr = "10.0.2.15/24".parse().unwrap();
+            configure("eth0", cidr, Some(Ipv4Addr::new(10, 0, 2, 2))).unwrap();
+            assert!(is_up("eth0").unwrap());
+            assert_eq!(
+                address("eth0").unwrap(),
+                (Ipv4Addr::new(10, 0, 2, 15), Ipv4Addr::new(255, 255, 255, 0))
+            );
+            let routes = std::fs::read_to_string("/proc/thread-self/net/route").unwrap();
+            // Iface Destination Gateway ... in little-endian hex
+            let default = routes
+                .lines()
+                .map(|l| l.split_whitespace().collect::<Vec<_>>())
+                .find(|f| f.len() > 2 && f[1] == "00000000")
+                .unwrap_or_else(|| panic!("no default route in\n{routes}"));
+            assert_eq!((default[0], default[2]), ("eth0", "0202000A"), "{routes}");
+            // adding it again is fine
+            add_default_route("eth0", Ipv4Addr::new(10, 0, 2, 2)).unwrap();
+        });
+        t.join().unwrap();
+    }
+
     /// The ioctls for real, on the loopback of a new network namespace (the test runs as
     /// root; the namespace is the calling thread's only).
     #[test]

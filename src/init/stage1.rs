@@ -108,11 +108,11 @@ pub fn run() -> Stage1Error {
         "--slot".into(),
         root.slot.letter().into(),
     ];
-    if let Some(w) = &watchdog {
+    if let Some(w) = watchdog.take() {
         argv.push("--watchdog-fd".into());
         argv.push(w.raw_fd().to_string());
-        // the descriptor must stay open through exec
-        std::mem::forget(watchdog);
+        // the descriptor stays open through exec (it is not close-on-exec): stage 2 owns it
+        std::mem::forget(w);
     }
     let cargs: Vec<CString> = argv
         .iter()
