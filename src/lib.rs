@@ -7,5 +7,8 @@
 
 pub mod block;
 pub mod bootctl;
+pub mod config;
+pub mod control;
 pub mod disk;
+pub mod init;
 pub mod update;
