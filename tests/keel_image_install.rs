@@ -159,6 +159,20 @@ fn full_install_of_a_compressed_image_shows_in_slots() {
     assert_eq!(f.slot(0, f.v1.len()), f.v1);
 }
 
+/// Relative paths, as an operator types them: the checkpoint lands beside the disk.
+#[test]
+fn install_with_relative_paths() {
+    let f = fixture();
+    f.write("v2", &f.v2);
+    std::fs::copy(&f.disk, f.path("rel.img")).unwrap();
+    let out = Command::new(BIN)
+        .current_dir(f.dir.path())
+        .args(["install", "rel.img", "--image", "v2", "--sha256", &sha(&f.v2)])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
 #[test]
 fn delta_made_by_classic_bsdiff_installs_and_a_corrupt_one_falls_back() {
     let f = fixture();
