@@ -7,5 +7,9 @@
 
 pub mod block;
 pub mod bootctl;
+pub mod config;
+pub mod control;
 pub mod disk;
 pub mod image;
+pub mod init;
+pub mod update;
