@@ -115,6 +115,7 @@ fn build_release(out: &Path, version: &str, init: &Path, agent: &Path, extra: &[
         .arg(harness::repo().join("image"))
         .arg("--cache")
         .arg(&harness::cache().dir)
+        .args(["--zstd-level", "3"])
         .args(extra)
         .output()
         .unwrap();
@@ -202,9 +203,45 @@ fn release_pipeline_is_reproducible_and_audited() {
     assert_eq!(rel["version"], "1.0.0");
 
     // A different version changes os-release and the digest, and little else.
+    // It also carries a delta from 1.0.0 that turns a's image into c's exactly, and its
+    // compressed form decompresses (with the stock zstd tool) to the image.
     let c = d.join("c");
-    build_release(&c, "1.0.1", &init, &agent, &[]);
+    let out = build_release(
+        &c,
+        "1.0.1",
+        &init,
+        &agent,
+        &["--delta-from", a.to_str().unwrap()],
+    );
+    eprintln!("{out}");
     assert_ne!(sha(&a.join("root.img")), sha(&c.join("root.img")));
+    let patched = d.join("patched.img");
+    let o = keel_image()
+        .args(["delta", "apply"])
+        .arg(a.join("root.img"))
+        .arg(c.join("delta-from-1.0.0.bsdiff"))
+        .arg(&patched)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(sha(&patched), sha(&c.join("root.img")));
+    let unz = d.join("unz.img");
+    let o = Command::new("zstd")
+        .args(["-q", "-d", "-f", "-o"])
+        .arg(&unz)
+        .arg(c.join("root.img.zst"))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(sha(&unz), sha(&c.join("root.img")));
+    let delta_len = std::fs::metadata(c.join("delta-from-1.0.0.bsdiff"))
+        .unwrap()
+        .len();
+    let z_len = std::fs::metadata(c.join("root.img.zst")).unwrap().len();
+    eprintln!(
+        "sizes: 1.0.0 -> 1.0.1 delta {delta_len} bytes = {:.2}% of the compressed image ({z_len} bytes, zstd -3)",
+        100.0 * delta_len as f64 / z_len as f64
+    );
 
     // Broken variants.
     let bad = d.join("bad-agent");

@@ -1,6 +1,8 @@
 //! A bootable KeelOS disk image: the GPT layout (via [`crate::disk::create`]), a release's root
 //! image in slot A, an ext4 STATE holding the node's PKI and configuration, and slot A active
-//! and marked successful (via [`crate::bootctl::store`]).
+//! and marked successful (via [`crate::bootctl::store`]). The root image is installed by the
+//! update engine ([`crate::update::driver`]), so slot A carries the same image record (version,
+//! length, SHA-256) as a slot an update wrote.
 //!
 //! Writes only the disk image file it creates (refusing to overwrite an existing one) and a
 //! temporary STATE file beside it.
@@ -10,6 +12,7 @@ use super::ImageError;
 use crate::block::{BlockDevice, FileDevice};
 use crate::bootctl::{self, store, Slot, DEFAULT_TRIES};
 use crate::disk::{self, LayoutSpec};
+use crate::update::{self, checkpoint, driver};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -18,6 +21,8 @@ use std::process::Command;
 pub struct DiskInputs {
     /// The uncompressed root image for slot A.
     pub root_image: PathBuf,
+    /// Its version, kept in slot A's image record.
+    pub version: String,
     /// Disk size in bytes (the file is sparse).
     pub size: u64,
     pub layout: LayoutSpec,
@@ -139,6 +144,41 @@ fn copy_into<D: BlockDevice>(
     Ok(len)
 }
 
+/// Install the root image into slot A with the update engine, exactly as an update would be
+/// installed: written, read back and checked against its SHA-256, its slot record (version,
+/// length, SHA-256) written, the slot activated.
+fn install_root(dev: &mut FileDevice, image: &Path, version: &str) -> Result<(), ImageError> {
+    let (sha256, len) = super::release::sha256_file(image)?;
+    let full = std::fs::File::open(image).map_err(io(image.display().to_string()))?;
+    let req = driver::Request {
+        sha256,
+        version: version.to_string(),
+        tries: DEFAULT_TRIES,
+        full: update::FullImage {
+            identity: format!("file:{}:{len}", image.display()),
+            fetch_size: Some(len),
+            image_len: Some(len),
+        },
+        delta: None,
+        checkpoint_every: update::DEFAULT_CHECKPOINT_EVERY,
+    };
+    let install_err = |e: update::engine::InstallError| ImageError::Install {
+        what: format!("{} into slot A", image.display()),
+        why: e.to_string(),
+    };
+    let (layout, plan) = driver::plan(&*dev, None, req).map_err(install_err)?;
+    if plan.target != Slot::A {
+        return Err(ImageError::Install {
+            what: image.display().to_string(),
+            why: format!("the engine chose slot {} on a new disk", plan.target),
+        });
+    }
+    let mut cp = checkpoint::MemStore::default();
+    let mut inputs = driver::FileInputs { full, patch: None };
+    driver::run(dev, &layout, plan, &mut inputs, &mut cp, &mut |_| {}).map_err(install_err)?;
+    Ok(())
+}
+
 /// Create `out` (which must not exist) as a bootable KeelOS disk.
 pub fn build(inputs: &DiskInputs, out: &Path) -> Result<(), ImageError> {
     if out.exists() {
@@ -155,14 +195,8 @@ pub fn build(inputs: &DiskInputs, out: &Path) -> Result<(), ImageError> {
     let result = (|| {
         let mut dev = FileDevice::open(out, true)?;
         disk::create(&mut dev, inputs.layout)?;
+        install_root(&mut dev, &inputs.root_image, &inputs.version)?;
         let layout = disk::open(&dev)?;
-        copy_into(
-            &mut dev,
-            layout.root_a.offset,
-            &inputs.root_image,
-            layout.root_a.len,
-            "the root image (slot A)",
-        )?;
         let state_file = out.with_extension("state.tmp");
         let st = state_tree(inputs.pki.as_deref(), inputs.config.as_deref())?;
         let r = mkfs_state(&st, &state_file, layout.state.len).and_then(|()| {
@@ -177,10 +211,8 @@ pub fn build(inputs: &DiskInputs, out: &Path) -> Result<(), ImageError> {
         let _ = std::fs::remove_file(&state_file);
         r?;
         dev.flush()?;
-        store::update(&mut dev, |f| {
-            bootctl::activate(f, Slot::A, None, DEFAULT_TRIES)
-                .and_then(|f| bootctl::mark_successful(f, Slot::A))
-        })?;
+        // A factory image is known good: slot A starts successful, as after its first boot.
+        store::update(&mut dev, |f| bootctl::mark_successful(f, Slot::A))?;
         Ok(())
     })();
     if result.is_err() {
@@ -211,6 +243,7 @@ mod tests {
         let out = d.path().join("disk.img");
         let inputs = DiskInputs {
             root_image: root.clone(),
+            version: "1.2.3".into(),
             size: 64 * MIB,
             layout: LayoutSpec {
                 esp_size: MIB,
@@ -228,6 +261,15 @@ mod tests {
         assert!(!flags.b.bootable());
         let got = crate::block::read_vec(&dev, layout.root_a.offset, image.len()).unwrap();
         assert_eq!(got, image);
+        let rec = driver::read_record(&dev, &layout, Slot::A)
+            .unwrap()
+            .unwrap();
+        assert_eq!(rec.version, "1.2.3");
+        assert_eq!(rec.length, image.len() as u64);
+        assert_eq!(
+            update::record::hex(&rec.sha256),
+            crate::image::release::sha256_file(&root).unwrap().0
+        );
         // STATE is ext4 with the node's files and no CA key
         let state = d.path().join("state.ext4");
         let bytes =
@@ -261,6 +303,7 @@ mod tests {
         let e = build(
             &DiskInputs {
                 root_image: root,
+                version: "1.2.3".into(),
                 size: 32 * MIB,
                 layout: LayoutSpec {
                     esp_size: MIB,
@@ -273,7 +316,8 @@ mod tests {
             &out,
         )
         .unwrap_err();
-        assert!(matches!(e, ImageError::TooLarge { .. }), "{e}");
+        assert!(matches!(e, ImageError::Install { .. }), "{e}");
+        eprintln!("{e}");
         assert!(!out.exists());
     }
 }

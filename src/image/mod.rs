@@ -42,6 +42,8 @@ pub enum ImageError {
         "{what} is {len} bytes but its partition holds {room}; build a larger disk (--root-size)"
     )]
     TooLarge { what: String, len: u64, room: u64 },
+    #[error("installing {what} failed: {why}")]
+    Install { what: String, why: String },
     #[error("{0} already exists; remove it or choose another output path")]
     Exists(String),
     #[error("{file} line {line}: {why}")]

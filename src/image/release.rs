@@ -42,6 +42,10 @@ pub struct ReleaseInputs {
     /// A kubelet binary to carry, when the operator has one (none is in Debian's archive).
     pub kubelet: Option<PathBuf>,
     pub broken: Option<Broken>,
+    /// zstd level of the compressed root image (19 for releases; tests may go faster).
+    pub zstd_level: i32,
+    /// A previous release directory: write a BSDIFF40 delta from its root image to this one.
+    pub delta_from: Option<PathBuf>,
 }
 
 /// The files of a built release, under its output directory.
@@ -56,13 +60,29 @@ pub struct Release {
     pub root_sha256: String,
     pub root_len: u64,
     pub initramfs_len: u64,
+    /// The resumable zstd form of the root image (what nodes download).
+    pub compressed: PathBuf,
+    pub compressed_len: u64,
+    /// The delta from a previous release, when one was asked for.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub delta: Option<DeltaArtifact>,
     /// Modules in the initramfs, in load order.
     pub modules: Vec<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub broken: Option<Broken>,
 }
 
+/// A BSDIFF40 patch from a previous release's root image to this one's.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct DeltaArtifact {
+    pub from_version: String,
+    pub from_sha256: String,
+    pub path: PathBuf,
+    pub len: u64,
+}
+
 pub const KERNEL_FILE: &str = "vmlinuz";
+pub const COMPRESSED_FILE: &str = "root.img.zst";
 pub const INITRAMFS_FILE: &str = "initramfs.img";
 pub const ROOT_FILE: &str = "root.img";
 pub const MANIFEST_FILE: &str = "release.json";
@@ -447,6 +467,12 @@ pub fn build(inputs: &ReleaseInputs, out: &Path) -> Result<Release, ImageError> 
     let sha_file = out.join(format!("{ROOT_FILE}.sha256"));
     std::fs::write(&sha_file, format!("{root_sha256}  {ROOT_FILE}\n"))
         .map_err(io(sha_file.display().to_string()))?;
+    let compressed = out.join(COMPRESSED_FILE);
+    let compressed_len = compress(&root, &compressed, inputs.zstd_level)?;
+    let delta = match &inputs.delta_from {
+        None => None,
+        Some(prev) => Some(delta(prev, &root, out)?),
+    };
     let rel = Release {
         version: inputs.version.clone(),
         kernel_release: versions.kernel_release.clone(),
@@ -456,6 +482,9 @@ pub fn build(inputs: &ReleaseInputs, out: &Path) -> Result<Release, ImageError> 
         root_sha256,
         root_len,
         initramfs_len,
+        compressed,
+        compressed_len,
+        delta,
         modules: mods,
         broken: inputs.broken,
     };
@@ -466,6 +495,77 @@ pub fn build(inputs: &ReleaseInputs, out: &Path) -> Result<Release, ImageError> 
     })?;
     std::fs::write(&mf, json + "\n").map_err(io(mf.display().to_string()))?;
     Ok(rel)
+}
+
+/// Write the resumable zstd form of `image` (the update engine's independent frames and seek
+/// table) to `out`; returns its length.
+pub fn compress(image: &Path, out: &Path, level: i32) -> Result<u64, ImageError> {
+    use std::io::Write;
+    let input = std::fs::File::open(image).map_err(io(image.display().to_string()))?;
+    let output = std::fs::File::create(out).map_err(io(out.display().to_string()))?;
+    let mut w = std::io::BufWriter::new(output);
+    crate::update::zframes::compress(
+        std::io::BufReader::new(input),
+        &mut w,
+        level,
+        crate::update::zframes::FRAME_SIZE,
+    )
+    .map_err(io(format!("compressing {}", image.display())))?;
+    w.flush().map_err(io(out.display().to_string()))?;
+    Ok(std::fs::metadata(out)
+        .map_err(io(out.display().to_string()))?
+        .len())
+}
+
+/// Write the BSDIFF40 delta from the root image of the release in `prev` to `new`, into
+/// `out/delta-from-<version>.bsdiff`.
+pub fn delta(prev: &Path, new: &Path, out: &Path) -> Result<DeltaArtifact, ImageError> {
+    use std::io::Write;
+    let mf = prev.join(MANIFEST_FILE);
+    let from: serde_json::Value = std::fs::read(&mf)
+        .map_err(io(mf.display().to_string()))
+        .and_then(|b| {
+            serde_json::from_slice(&b).map_err(|e| ImageError::Io {
+                what: mf.display().to_string(),
+                source: std::io::Error::other(e),
+            })
+        })?;
+    let from_version = from["version"].as_str().unwrap_or_default().to_string();
+    let old_path = prev.join(ROOT_FILE);
+    let old = std::fs::read(&old_path).map_err(io(old_path.display().to_string()))?;
+    let new_bytes = std::fs::read(new).map_err(io(new.display().to_string()))?;
+    let path = out.join(format!("delta-from-{}.bsdiff", safe_name(&from_version)));
+    let f = std::fs::File::create(&path).map_err(io(path.display().to_string()))?;
+    let mut w = std::io::BufWriter::new(f);
+    qbsdiff::Bsdiff::new(&old, &new_bytes)
+        .compare(&mut w)
+        .map_err(io(format!(
+            "bsdiff {} -> {}",
+            old_path.display(),
+            new.display()
+        )))?;
+    w.flush().map_err(io(path.display().to_string()))?;
+    let len = std::fs::metadata(&path)
+        .map_err(io(path.display().to_string()))?
+        .len();
+    Ok(DeltaArtifact {
+        from_version,
+        from_sha256: sha256_file(&old_path)?.0,
+        path,
+        len,
+    })
+}
+
+fn safe_name(s: &str) -> String {
+    s.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || ".-+_".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
 }
 
 /// Destroy the SquashFS magic so that the kernel refuses to mount the image.

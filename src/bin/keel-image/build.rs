@@ -43,6 +43,12 @@ pub struct ReleaseArgs {
     /// Tests only: build a deliberately broken release.
     #[arg(long, value_enum)]
     broken: Option<Broken>,
+    /// zstd level of root.img.zst.
+    #[arg(long, default_value_t = 19)]
+    zstd_level: i32,
+    /// A previous release directory: also write the BSDIFF40 delta from it.
+    #[arg(long)]
+    delta_from: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -100,6 +106,8 @@ pub fn run(cmd: BuildCmd) -> Result<(), String> {
                 },
                 kubelet: a.kubelet,
                 broken: a.broken,
+                zstd_level: a.zstd_level,
+                delta_from: a.delta_from,
             };
             let r = release::build(&inputs, &a.out).map_err(err)?;
             println!(
@@ -116,14 +124,40 @@ pub fn run(cmd: BuildCmd) -> Result<(), String> {
                 r.initramfs.display(),
                 r.initramfs_len
             );
+            println!(
+                "  {:<40} {:>12} bytes",
+                r.compressed.display(),
+                r.compressed_len
+            );
+            if let Some(d) = &r.delta {
+                println!(
+                    "  {:<40} {:>12} bytes (from {}; {:.1}% of the compressed image)",
+                    d.path.display(),
+                    d.len,
+                    d.from_version,
+                    100.0 * d.len as f64 / r.compressed_len.max(1) as f64
+                );
+            }
             println!("  sha256 {}", r.root_sha256);
             println!("  modules: {}", r.modules.join(" "));
             Ok(())
         }
         BuildCmd::Disk(a) => {
             let root = a.release.join(release::ROOT_FILE);
+            let mf = a.release.join(release::MANIFEST_FILE);
+            let manifest: serde_json::Value = std::fs::read(&mf)
+                .map_err(|e| e.to_string())
+                .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
+                .map_err(|e| {
+                    format!(
+                        "{} is not a release made by `keel-image build release`: {e}",
+                        mf.display()
+                    )
+                })?;
+            let version = manifest["version"].as_str().unwrap_or_default().to_string();
             let inputs = diskimg::DiskInputs {
                 root_image: root,
+                version,
                 size: a.size,
                 layout: LayoutSpec {
                     esp_size: a.esp_size,
