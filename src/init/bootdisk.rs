@@ -136,6 +136,23 @@ pub fn wait_for_boot_disk(sys_block: &Path, dev_dir: &Path, wait: Duration) -> O
     }
 }
 
+/// Wait up to `wait` for the named disk (`keel.disk=`) to appear with the KeelOS labels.
+pub fn wait_for_disk(disk: &Path, wait: Duration) -> Option<PathBuf> {
+    let start = Instant::now();
+    loop {
+        let ok = open_disk(disk, false)
+            .ok()
+            .is_some_and(|d| crate::disk::open(&d).is_ok());
+        if ok {
+            return Some(disk.to_path_buf());
+        }
+        if start.elapsed() >= wait {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 const LOOP_CTL_GET_FREE: libc::c_ulong = 0x4C82;
 const LOOP_SET_FD: libc::c_ulong = 0x4C00;
 const LOOP_CLR_FD: libc::c_ulong = 0x4C01;
