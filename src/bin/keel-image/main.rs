@@ -412,7 +412,9 @@ fn run(cli: Cli) -> Result<(), String> {
             let f = std::fs::File::create(&patch)
                 .map_err(|e| format!("cannot create {}: {e}", patch.display()))?;
             let mut w = std::io::BufWriter::new(f);
+            // bzip2 level 9, as classic bsdiff uses
             qbsdiff::Bsdiff::new(&o, &n)
+                .compression_level(9)
                 .compare(&mut w)
                 .map_err(|e| e.to_string())?;
             use std::io::Write;
