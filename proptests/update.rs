@@ -329,7 +329,7 @@ fn only_outside(dev: &CrashDevice, layout: &disk::Layout, allowed: Slot) -> Cras
 fn exhaustive_crash_enumeration_of_installs() {
     let mut total_points = 0;
     let mut total_states = 0;
-    for (len, sector) in [(6 * 1024, 512), (40 * 1024, 4096)] {
+    for (len, sector) in [(6 * 1024, 512), (40 * 1024, 4096), (64 * 1024, 4096)] {
         for s in scenarios(len, 7) {
             let (p, st) = crash_scenario(&s, sector);
             println!(

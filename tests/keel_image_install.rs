@@ -167,10 +167,21 @@ fn install_with_relative_paths() {
     std::fs::copy(&f.disk, f.path("rel.img")).unwrap();
     let out = Command::new(BIN)
         .current_dir(f.dir.path())
-        .args(["install", "rel.img", "--image", "v2", "--sha256", &sha(&f.v2)])
+        .args([
+            "install",
+            "rel.img",
+            "--image",
+            "v2",
+            "--sha256",
+            &sha(&f.v2),
+        ])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]

@@ -34,7 +34,8 @@ fn main() {
     let opts = stage2::Stage2Options::from_args(&a);
     let outcome = catch_unwind(AssertUnwindSafe(|| match stage {
         1 => {
-            let e = stage1::run();
+            let cmdline = a.cmdline.clone().unwrap_or_else(|| "/proc/cmdline".into());
+            let e = stage1::run(&cmdline);
             log(format!("stage 1 failed: {e}"));
             if !matches!(e, stage1::Stage1Error::Root(_)) {
                 // leave the message on the console for a moment before the reset

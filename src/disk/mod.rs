@@ -196,6 +196,28 @@ pub fn open<D: BlockDevice + ?Sized>(dev: &D) -> Result<Layout, DiskError> {
     Layout::from_table(table::read(dev)?)
 }
 
+/// Open a disk (a block device or an image file). A block device reports its sector size; a
+/// regular file's is found from where its GPT header sits (LBA 1 at 512 or 4096 bytes).
+pub fn open_file(
+    path: &std::path::Path,
+    writable: bool,
+) -> Result<crate::block::FileDevice, BlockError> {
+    let dev = crate::block::FileDevice::open(path, writable)?;
+    let is_file = std::fs::metadata(path)
+        .map(|m| m.is_file())
+        .unwrap_or(false);
+    if is_file {
+        let mut sig = [0u8; 8];
+        if dev.len() >= 4096 + 8 && dev.read_at(4096, &mut sig).is_ok() && &sig == gpt::SIGNATURE {
+            let mut at512 = [0u8; 8];
+            if dev.read_at(512, &mut at512).is_err() || &at512 != gpt::SIGNATURE {
+                return Ok(dev.with_sector_size(4096));
+            }
+        }
+    }
+    Ok(dev)
+}
+
 /// A window onto one partition of `dev`.
 pub fn partition_window<D: BlockDevice>(dev: D, p: &Partition) -> Result<Window<D>, DiskError> {
     Ok(Window::new(dev, p.offset, p.len)?)

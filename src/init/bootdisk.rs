@@ -71,23 +71,9 @@ pub fn sys_partitions(sys_block: &Path, name: &str) -> Vec<SysPartition> {
         .collect()
 }
 
-/// Open a disk (a block device or an image file). A regular file's sector size is taken from
-/// where its GPT header sits, as keel-image does.
+/// Open a disk (a block device or an image file), as keel-image does.
 pub fn open_disk(path: &Path, writable: bool) -> Result<FileDevice, BlockError> {
-    let dev = FileDevice::open(path, writable)?;
-    let is_file = std::fs::metadata(path)
-        .map(|m| m.is_file())
-        .unwrap_or(false);
-    if is_file {
-        let mut sig = [0u8; 8];
-        if dev.len() >= 4096 + 8 && dev.read_at(4096, &mut sig).is_ok() && &sig == b"EFI PART" {
-            let mut at512 = [0u8; 8];
-            if dev.read_at(512, &mut at512).is_err() || &at512 != b"EFI PART" {
-                return Ok(dev.with_sector_size(4096));
-            }
-        }
-    }
-    Ok(dev)
+    crate::disk::open_file(path, writable)
 }
 
 /// Scan the whole disks under `sys_block` for one with the KeelOS labels. Returns its device
@@ -128,6 +114,23 @@ pub fn wait_for_boot_disk(sys_block: &Path, dev_dir: &Path, wait: Duration) -> O
     loop {
         if let Some(d) = find_boot_disk(sys_block, dev_dir) {
             return Some(d);
+        }
+        if start.elapsed() >= wait {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Wait up to `wait` for the named disk (`keel.disk=`) to appear with the KeelOS labels.
+pub fn wait_for_disk(disk: &Path, wait: Duration) -> Option<PathBuf> {
+    let start = Instant::now();
+    loop {
+        let ok = open_disk(disk, false)
+            .ok()
+            .is_some_and(|d| crate::disk::open(&d).is_ok());
+        if ok {
+            return Some(disk.to_path_buf());
         }
         if start.elapsed() >= wait {
             return None;

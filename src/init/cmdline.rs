@@ -24,6 +24,8 @@ pub struct KernelParams {
     pub modules: Option<PathBuf>,
     /// `keel.stage=1|2`: force a stage.
     pub stage: Option<u8>,
+    /// `keel.disk=/dev/vdb`: boot from this disk instead of scanning for the KeelOS labels.
+    pub disk: Option<PathBuf>,
 }
 
 /// Split a command line the way the kernel does: whitespace separates, double quotes group.
@@ -101,6 +103,13 @@ pub fn parse_kernel(cmdline: &str) -> (KernelParams, Vec<String>) {
                     warn.push(bad("expected an absolute path"));
                 }
             }
+            "keel.disk" => {
+                if value.starts_with('/') {
+                    p.disk = Some(PathBuf::from(value));
+                } else {
+                    warn.push(bad("expected an absolute path"));
+                }
+            }
             "keel.stage" => match value {
                 "1" => p.stage = Some(1),
                 "2" => p.stage = Some(2),
@@ -130,7 +139,7 @@ pub struct InitArgs {
     pub slot: Option<Slot>,
     /// `--watchdog-fd N`: the watchdog stage 1 armed, kept open across exec.
     pub watchdog_fd: Option<i32>,
-    /// `--cmdline PATH` (default /proc/cmdline)
+    /// `--cmdline PATH`: read the kernel parameters from here (default /proc/cmdline)
     pub cmdline: Option<PathBuf>,
 }
 
@@ -198,7 +207,8 @@ mod tests {
     fn kernel_parameters() {
         let line = "console=ttyS0 quiet keel.ip=10.0.2.15/24 keel.gw=10.0.2.2 \
                     keel.iface=\"eth0\" keel.watchdog=30 keel.disk_wait=abc keel.bogus=1 \
-                    keel.modules=/lib/modules/keel-modules.list -- keel.stage=2\n";
+                    keel.modules=/lib/modules/keel-modules.list keel.disk=/dev/vdb \
+                    -- keel.stage=2\n";
         let (p, warn) = parse_kernel(line);
         assert_eq!(p.ip, Some("10.0.2.15/24".parse().unwrap()));
         assert_eq!(p.gateway, Some(Ipv4Addr::new(10, 0, 2, 2)));
@@ -209,6 +219,7 @@ mod tests {
             p.modules.as_deref(),
             Some(std::path::Path::new("/lib/modules/keel-modules.list"))
         );
+        assert_eq!(p.disk.as_deref(), Some(std::path::Path::new("/dev/vdb")));
         // after `--` the words are init's, not the kernel's
         assert_eq!(p.stage, None);
         assert_eq!(warn.len(), 2, "{warn:?}");

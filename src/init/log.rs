@@ -20,6 +20,13 @@ pub fn log_to_file(file: LogFile) {
     }
 }
 
+/// Stop writing to the file (before STATE is unmounted); the console keeps the messages.
+pub fn close_file() {
+    if let Ok(mut g) = FILE.lock() {
+        *g = None;
+    }
+}
+
 /// Write one line: `keel-init: [seconds since boot] message`.
 pub fn log(msg: impl std::fmt::Display) {
     let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)

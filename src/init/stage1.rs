@@ -33,8 +33,8 @@ pub enum Stage1Error {
     Exec(nix::Error),
 }
 
-fn kernel_params() -> KernelParams {
-    let text = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+fn kernel_params(cmdline: &Path) -> KernelParams {
+    let text = std::fs::read_to_string(cmdline).unwrap_or_default();
     let (p, warnings) = cmdline::parse_kernel(&text);
     for w in warnings {
         log(w);
@@ -42,10 +42,11 @@ fn kernel_params() -> KernelParams {
     p
 }
 
-/// Run stage 1. Returns only on failure (success ends in exec).
-pub fn run() -> Stage1Error {
+/// Run stage 1, with the kernel parameters read from `cmdline` (normally /proc/cmdline).
+/// Returns only on failure: success ends in exec.
+pub fn run(cmdline: &Path) -> Stage1Error {
     mounts::mount_early();
-    let params = kernel_params();
+    let params = kernel_params(cmdline);
     let manifest = params
         .modules
         .clone()
@@ -75,7 +76,11 @@ pub fn run() -> Stage1Error {
 
     let wait = Duration::from_secs(params.disk_wait_secs.unwrap_or(30));
     let sys_block = Path::new(SYS_BLOCK);
-    let Some(disk) = bootdisk::wait_for_boot_disk(sys_block, Path::new("/dev"), wait) else {
+    let found = match &params.disk {
+        Some(d) => bootdisk::wait_for_disk(d, wait),
+        None => bootdisk::wait_for_boot_disk(sys_block, Path::new("/dev"), wait),
+    };
+    let Some(disk) = found else {
         return Stage1Error::NoBootDisk(wait);
     };
     log(format!("boot disk {}", disk.display()));

@@ -413,6 +413,7 @@ pub fn run(opts: &Stage2Options) -> ShutdownKind {
 /// kernel. Never returns; if the kernel refuses, PID 1 exits, which the kernel answers with a
 /// panic and, with `panic=N` on the command line, a reset.
 pub fn finish(kind: ShutdownKind, state_dir: &Path) -> ! {
+    super::log::close_file();
     nix::unistd::sync();
     mounts::unmount_state(state_dir);
     nix::unistd::sync();

@@ -527,6 +527,13 @@ impl Supervisor {
             idle();
             std::thread::sleep(step);
         }
+        // close the log files now, not when the copying threads notice the end of their pipes:
+        // STATE is unmounted next
+        for s in &self.services {
+            if let Ok(mut g) = s.log.lock() {
+                *g = None;
+            }
+        }
     }
 }
 

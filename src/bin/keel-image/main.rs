@@ -4,7 +4,7 @@
 mod build;
 
 use clap::{Parser, Subcommand};
-use keelos::block::{BlockDevice, FileDevice};
+use keelos::block::FileDevice;
 use keelos::bootctl::{self, store, Slot, DEFAULT_TRIES};
 use keelos::disk::{self, LayoutSpec};
 use keelos::update::{self, bspatch, checkpoint, driver, record, zframes};
@@ -148,23 +148,8 @@ fn parse_size(s: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("{s:?} is too large"))
 }
 
-/// Open a disk image or device. A regular file's sector size is found from where its GPT
-/// header sits (LBA 1 at 512 or 4096 bytes).
 fn open_disk(path: &Path, writable: bool) -> Result<FileDevice, String> {
-    let dev = FileDevice::open(path, writable).map_err(|e| e.to_string())?;
-    let is_file = std::fs::metadata(path)
-        .map(|m| m.is_file())
-        .unwrap_or(false);
-    if is_file {
-        let mut sig = [0u8; 8];
-        if dev.len() >= 4096 + 8 && dev.read_at(4096, &mut sig).is_ok() && &sig == b"EFI PART" {
-            let mut at512 = [0u8; 8];
-            if dev.read_at(512, &mut at512).is_err() || &at512 != b"EFI PART" {
-                return Ok(dev.with_sector_size(4096));
-            }
-        }
-    }
-    Ok(dev)
+    disk::open_file(path, writable).map_err(|e| e.to_string())
 }
 
 #[derive(serde::Serialize)]
@@ -432,7 +417,9 @@ fn run(cli: Cli) -> Result<(), String> {
             let f = std::fs::File::create(&patch)
                 .map_err(|e| format!("cannot create {}: {e}", patch.display()))?;
             let mut w = std::io::BufWriter::new(f);
+            // bzip2 level 9, as classic bsdiff uses
             qbsdiff::Bsdiff::new(&o, &n)
+                .compression_level(9)
                 .compare(&mut w)
                 .map_err(|e| e.to_string())?;
             use std::io::Write;
