@@ -11,3 +11,4 @@ pub mod bootctl;
 pub mod disk;
 pub mod fetch;
 pub mod pki;
+pub mod update;

@@ -2,6 +2,50 @@ use super::{BlockDevice, BlockError};
 use std::cell::Cell;
 use std::collections::BTreeSet;
 use std::fmt;
+use std::sync::Arc;
+
+/// Bytes kept in copy-on-write pages, so that cloning a device for every crash state of an
+/// enumeration costs a page table, not the whole disk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Pages {
+    pages: Vec<Arc<Vec<u8>>>,
+    len: usize,
+}
+
+const PAGE: usize = 64 * 1024;
+
+impl Pages {
+    fn new(bytes: Vec<u8>) -> Self {
+        let len = bytes.len();
+        let pages = bytes.chunks(PAGE).map(|c| Arc::new(c.to_vec())).collect();
+        Pages { pages, len }
+    }
+    fn read(&self, mut offset: usize, buf: &mut [u8]) {
+        let mut done = 0;
+        while done < buf.len() {
+            let (p, o) = (offset / PAGE, offset % PAGE);
+            let n = (PAGE - o).min(buf.len() - done);
+            buf[done..done + n].copy_from_slice(&self.pages[p][o..o + n]);
+            done += n;
+            offset += n;
+        }
+    }
+    fn write(&mut self, mut offset: usize, data: &[u8]) {
+        let mut done = 0;
+        while done < data.len() {
+            let (p, o) = (offset / PAGE, offset % PAGE);
+            let n = (PAGE - o).min(data.len() - done);
+            Arc::make_mut(&mut self.pages[p])[o..o + n].copy_from_slice(&data[done..done + n]);
+            done += n;
+            offset += n;
+        }
+    }
+    fn range(&self, offset: usize, len: usize) -> Vec<u8> {
+        let mut v = vec![0; len];
+        self.read(offset, &mut v);
+        v
+    }
+}
 
 /// A write that reached the device but not yet a flush.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -62,9 +106,10 @@ impl fmt::Display for CrashChoice {
 /// [`CrashDevice::fail_op`] makes one access fail with an I/O error and no effect.
 #[derive(Debug, Clone)]
 pub struct CrashDevice {
-    durable: Vec<u8>,
-    current: Vec<u8>,
+    durable: Pages,
+    current: Pages,
     pending: Vec<PendingWrite>,
+    written: Vec<(u64, u64)>,
     sector_size: u64,
     ops: Cell<u64>,
     mutations: u64,
@@ -81,10 +126,12 @@ impl CrashDevice {
 
     /// A device whose durable content is `bytes`.
     pub fn from_bytes(bytes: Vec<u8>, sector_size: u64) -> Self {
+        let durable = Pages::new(bytes);
         CrashDevice {
-            current: bytes.clone(),
-            durable: bytes,
+            current: durable.clone(),
+            durable,
             pending: Vec::new(),
+            written: Vec::new(),
             sector_size,
             ops: Cell::new(0),
             mutations: 0,
@@ -95,13 +142,38 @@ impl CrashDevice {
     }
 
     /// The bytes that survive any crash.
-    pub fn durable(&self) -> &[u8] {
-        &self.durable
+    pub fn durable(&self) -> Vec<u8> {
+        self.durable.range(0, self.durable.len)
+    }
+
+    /// `len` durable bytes at `offset` (panics outside the device: test use only).
+    pub fn durable_range(&self, offset: u64, len: u64) -> Vec<u8> {
+        self.durable.range(offset as usize, len as usize)
     }
 
     /// What a read sees now (durable bytes plus unflushed writes).
-    pub fn current(&self) -> &[u8] {
-        &self.current
+    pub fn current(&self) -> Vec<u8> {
+        self.current.range(0, self.current.len)
+    }
+
+    /// Forget the ranges written so far (a test's set-up writes are not what it checks).
+    pub fn clear_write_log(&mut self) {
+        self.written.clear();
+    }
+
+    /// Every byte range ever written, merged, as `(start, end)` with `end` exclusive: what a
+    /// test checks to prove that nothing was written somewhere it must not be.
+    pub fn written_ranges(&self) -> Vec<(u64, u64)> {
+        let mut r = self.written.clone();
+        r.sort_unstable();
+        let mut out: Vec<(u64, u64)> = Vec::new();
+        for (s, e) in r {
+            match out.last_mut() {
+                Some(last) if s <= last.1 => last.1 = last.1.max(e),
+                _ => out.push((s, e)),
+            }
+        }
+        out
     }
 
     /// Writes since the last flush, in order.
@@ -147,7 +219,7 @@ impl CrashDevice {
                 };
                 if keep {
                     let rel = (start - w.offset) as usize..(end - w.offset) as usize;
-                    self.durable[start as usize..end as usize].copy_from_slice(&w.data[rel]);
+                    self.durable.write(start as usize, &w.data[rel]);
                 }
             }
         }
@@ -171,7 +243,8 @@ impl CrashDevice {
             shapes.push(ps.len());
             for (pi, (start, end)) in ps.into_iter().enumerate() {
                 let rel = (start - w.offset) as usize..(end - w.offset) as usize;
-                let same = w.data[rel] == self.durable[start as usize..end as usize];
+                let same =
+                    w.data[rel] == self.durable.range(start as usize, (end - start) as usize)[..];
                 let overlapped = self.pending[..wi]
                     .iter()
                     .any(|p| p.offset < end && start < p.offset + p.data.len() as u64);
@@ -272,21 +345,20 @@ impl BlockDevice for CrashDevice {
         self.sector_size
     }
     fn len(&self) -> u64 {
-        self.durable.len() as u64
+        self.durable.len as u64
     }
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), BlockError> {
         self.begin(false)?;
         BlockError::check_bounds("read", offset, buf.len(), self.len())?;
-        let o = offset as usize;
-        buf.copy_from_slice(&self.current[o..o + buf.len()]);
+        self.current.read(offset as usize, buf);
         Ok(())
     }
     fn write_at(&mut self, offset: u64, data: &[u8]) -> Result<(), BlockError> {
         self.begin(true)?;
         BlockError::check_bounds("write", offset, data.len(), self.len())?;
         self.mutations += 1;
-        let o = offset as usize;
-        self.current[o..o + data.len()].copy_from_slice(data);
+        self.current.write(offset as usize, data);
+        self.written.push((offset, offset + data.len() as u64));
         self.pending.push(PendingWrite {
             offset,
             data: data.to_vec(),
@@ -296,10 +368,9 @@ impl BlockDevice for CrashDevice {
     fn flush(&mut self) -> Result<(), BlockError> {
         self.begin(true)?;
         self.mutations += 1;
-        for w in self.pending.drain(..) {
-            let o = w.offset as usize;
-            self.durable[o..o + w.data.len()].copy_from_slice(&w.data);
-        }
+        // everything pending is already in `current`, in order
+        self.pending.clear();
+        self.durable = self.current.clone();
         Ok(())
     }
 }
@@ -326,7 +397,9 @@ mod tests {
         d.write_at(256, &[7; 1024]).unwrap(); // pieces: 256..512, 512..1024, 1024..1280
         let outcomes = d.crash_outcomes(1 << 10).unwrap();
         assert_eq!(outcomes.len(), 8);
-        d.crash(&CrashChoice(vec![WriteFate::Torn(vec![false, true, false])]));
+        d.crash(&CrashChoice(vec![WriteFate::Torn(vec![
+            false, true, false,
+        ])]));
         assert_eq!(d.durable()[300], 0);
         assert_eq!(d.durable()[700], 7);
         assert_eq!(d.durable()[1100], 0);

@@ -93,7 +93,9 @@ impl BlockDevice for FileDevice {
             .map_err(|e| self.io_err("write", e))
     }
     fn flush(&mut self) -> Result<(), BlockError> {
-        self.file.sync_data().map_err(|e| self.io_err("fdatasync", e))
+        self.file
+            .sync_data()
+            .map_err(|e| self.io_err("fdatasync", e))
     }
 }
 

@@ -122,6 +122,32 @@ impl<D: BlockDevice + ?Sized> BlockDevice for Box<D> {
     }
 }
 
+/// A shared reference is a read-only view: reads go through, writes are refused, flush has
+/// nothing to do. It lets a [`Window`] be made for reading while the device is shared.
+impl<D: BlockDevice + ?Sized> BlockDevice for &D {
+    fn sector_size(&self) -> u64 {
+        (**self).sector_size()
+    }
+    fn len(&self) -> u64 {
+        (**self).len()
+    }
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), BlockError> {
+        (**self).read_at(offset, buf)
+    }
+    fn write_at(&mut self, offset: u64, data: &[u8]) -> Result<(), BlockError> {
+        Err(BlockError::OutOfBounds {
+            op: "write",
+            done: "written (the device is shared read-only here)",
+            offset,
+            len: data.len() as u64,
+            device_len: 0,
+        })
+    }
+    fn flush(&mut self) -> Result<(), BlockError> {
+        Ok(())
+    }
+}
+
 /// Read `len` bytes at `offset` into a new buffer.
 pub fn read_vec<D: BlockDevice + ?Sized>(
     dev: &D,
@@ -143,7 +169,9 @@ pub struct DeviceStream<D> {
 
 impl<D> std::fmt::Debug for DeviceStream<D> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("DeviceStream").field("pos", &self.pos).finish()
+        f.debug_struct("DeviceStream")
+            .field("pos", &self.pos)
+            .finish()
     }
 }
 

@@ -30,10 +30,8 @@ impl<D: BlockDevice> Window<D> {
     /// A window of `len` bytes starting at byte `start` of `dev`.
     pub fn new(dev: D, start: u64, len: u64) -> Result<Self, WindowError> {
         let ss = dev.sector_size();
-        let fits = start
-            .checked_add(len)
-            .is_some_and(|end| end <= dev.len());
-        if !fits || ss == 0 || start % ss != 0 || len % ss != 0 {
+        let fits = start.checked_add(len).is_some_and(|end| end <= dev.len());
+        if !fits || ss == 0 || !start.is_multiple_of(ss) || !len.is_multiple_of(ss) {
             return Err(WindowError {
                 start,
                 len,

@@ -8,11 +8,11 @@
 
 pub mod store;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::fmt;
 
 /// One of the two root slots.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Slot {
     A,
@@ -342,7 +342,10 @@ mod tests {
     use super::*;
 
     fn f(p: u8, t: u8, s: bool) -> BootFlags {
-        BootFlags(0).with_priority(p).with_tries(t).with_successful(s)
+        BootFlags(0)
+            .with_priority(p)
+            .with_tries(t)
+            .with_successful(s)
     }
     fn pair(a: BootFlags, b: BootFlags) -> SlotFlags {
         SlotFlags { a, b }
@@ -356,7 +359,10 @@ mod tests {
         let other = BootFlags((1 << 0) | (1 << 60) | (1 << 47));
         let y = other.with_priority(15).with_tries(15).with_successful(true);
         assert_eq!(y.0 & !(0x1FF << 48), other.0);
-        assert_eq!(y.with_priority(0).with_tries(0).with_successful(false), other);
+        assert_eq!(
+            y.with_priority(0).with_tries(0).with_successful(false),
+            other
+        );
     }
 
     #[test]
@@ -364,7 +370,11 @@ mod tests {
         // (a, b) -> expected slot (None: nothing bootable), expected flags after
         let cases: Vec<(SlotFlags, Option<Slot>, SlotFlags)> = vec![
             // never activated: nothing boots
-            (pair(f(0, 0, false), f(0, 0, false)), None, SlotFlags::default()),
+            (
+                pair(f(0, 0, false), f(0, 0, false)),
+                None,
+                SlotFlags::default(),
+            ),
             // A successful, B invalid
             (
                 pair(f(1, 0, true), f(0, 0, false)),
@@ -402,7 +412,11 @@ mod tests {
                 pair(f(1, 0, true), f(1, 0, true)),
             ),
             // priority with no tries and not successful is not bootable
-            (pair(f(15, 0, false), f(0, 0, false)), None, SlotFlags::default()),
+            (
+                pair(f(15, 0, false), f(0, 0, false)),
+                None,
+                SlotFlags::default(),
+            ),
         ];
         for (i, (flags, want, after)) in cases.into_iter().enumerate() {
             match (choose_boot(flags), want) {
@@ -491,7 +505,10 @@ mod tests {
         assert_eq!(choose_boot(r).unwrap().slot, Slot::A);
         // a slot still on trial may be rolled back to, while it has tries
         let flags = pair(f(1, 2, false), f(2, 0, true));
-        assert_eq!(choose_boot(rollback(flags, Slot::B).unwrap()).unwrap().slot, Slot::A);
+        assert_eq!(
+            choose_boot(rollback(flags, Slot::B).unwrap()).unwrap().slot,
+            Slot::A
+        );
         // but not once they are spent
         let flags = pair(f(1, 0, false), f(2, 0, true));
         assert!(rollback(flags, Slot::B).is_err());

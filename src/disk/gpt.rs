@@ -126,7 +126,7 @@ impl Header {
             });
         }
         let shape_ok = h.entry_size >= MIN_ENTRY_SIZE
-            && h.entry_size % 8 == 0
+            && h.entry_size.is_multiple_of(8)
             && h.num_entries > 0
             && h.array_bytes() <= MAX_ARRAY_BYTES;
         if !shape_ok {
@@ -161,8 +161,7 @@ impl Header {
         let headers_outside = [self.my_lba, self.alternate_lba]
             .iter()
             .all(|l| (*l < first || *l > last) && !(self.entries_lba <= *l && *l < array_end));
-        if first > last || first < 2 || !array_outside || !headers_outside || self.entries_lba < 2
-        {
+        if first > last || first < 2 || !array_outside || !headers_outside || self.entries_lba < 2 {
             return Err(CopyError::BadUsableArea { first, last });
         }
         Ok(())

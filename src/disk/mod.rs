@@ -65,7 +65,9 @@ pub enum DiskError {
     SectorSize(u64),
     #[error("the gpt crate refused the table: {0}")]
     Gpt(String),
-    #[error("no partition labelled {0}; is this a KeelOS disk? (keel-image disk create makes one)")]
+    #[error(
+        "no partition labelled {0}; is this a KeelOS disk? (keel-image disk create makes one)"
+    )]
     MissingLabel(&'static str),
     #[error("{count} partitions are labelled {label}; labels must be unique")]
     DuplicateLabel { label: &'static str, count: usize },
@@ -131,7 +133,9 @@ impl Layout {
                     })
                 }
             };
-            if e.first_lba < h.first_usable || e.last_lba > h.last_usable || e.first_lba > e.last_lba
+            if e.first_lba < h.first_usable
+                || e.last_lba > h.last_usable
+                || e.first_lba > e.last_lba
             {
                 return Err(DiskError::Outside {
                     label,

@@ -67,7 +67,10 @@ pub struct Table {
 #[derive(Debug, thiserror::Error)]
 pub enum TableError {
     #[error("no valid GPT on the device: primary copy: {primary}; backup copy: {backup}")]
-    NoValidTable { primary: CopyError, backup: CopyError },
+    NoValidTable {
+        primary: CopyError,
+        backup: CopyError,
+    },
     #[error("device too small for a GPT ({len} bytes with {sector_size}-byte sectors)")]
     TooSmall { len: u64, sector_size: u64 },
     #[error(
@@ -92,7 +95,8 @@ fn read_copy<D: BlockDevice + ?Sized>(
     total_sectors: u64,
 ) -> Result<Copy, CopyError> {
     let ss = dev.sector_size();
-    let sector = read_vec(dev, lba * ss, ss as usize).map_err(|e| CopyError::Unreadable(e.to_string()))?;
+    let sector =
+        read_vec(dev, lba * ss, ss as usize).map_err(|e| CopyError::Unreadable(e.to_string()))?;
     let header = Header::parse(&sector, lba, total_sectors)?;
     let array = read_vec(dev, header.entries_lba * ss, header.array_bytes() as usize)
         .map_err(|e| CopyError::Unreadable(e.to_string()))?;

@@ -96,7 +96,13 @@ fn missing_and_duplicate_labels_are_named() {
     rename_entry(&mut dev, 2, ROOT_A);
     let err = open(&dev).unwrap_err();
     assert!(
-        matches!(err, DiskError::DuplicateLabel { label: ROOT_A, count: 2 }),
+        matches!(
+            err,
+            DiskError::DuplicateLabel {
+                label: ROOT_A,
+                count: 2
+            }
+        ),
         "{err}"
     );
 }
@@ -107,7 +113,9 @@ fn truncated_image_is_named() {
     create(&mut dev, small_spec()).unwrap();
     let mut bytes = dev.into_bytes();
     bytes.truncate(5 * MIB as usize);
-    let msg = open(&MemDevice::from_bytes(bytes, 512)).unwrap_err().to_string();
+    let msg = open(&MemDevice::from_bytes(bytes, 512))
+        .unwrap_err()
+        .to_string();
     assert!(msg.contains("truncated"), "{msg}");
 }
 
@@ -141,7 +149,11 @@ fn corrupt_copy_is_read_around_and_repaired() {
             );
             let before = open(&dev).unwrap();
             table::repair(&mut dev, &t).unwrap();
-            assert_eq!(dev.bytes(), clean.bytes(), "ss={ss} at={at}: repair is exact");
+            assert_eq!(
+                dev.bytes(),
+                clean.bytes(),
+                "ss={ss} at={at}: repair is exact"
+            );
             assert_eq!(open(&dev).unwrap().table.repair, table::Repair::None);
             assert_eq!(before.root_a, open(&dev).unwrap().root_a);
         }

@@ -78,7 +78,11 @@ fn parse_size(s: &str) -> Result<u64, String> {
                 'M' => 1 << 20,
                 'G' => 1 << 30,
                 'T' => 1 << 40,
-                _ => return Err(format!("unknown size suffix {c:?} in {s:?}: use K, M, G or T")),
+                _ => {
+                    return Err(format!(
+                        "unknown size suffix {c:?} in {s:?}: use K, M, G or T"
+                    ))
+                }
             };
             (&s[..i], m)
         }
@@ -95,7 +99,9 @@ fn parse_size(s: &str) -> Result<u64, String> {
 /// header sits (LBA 1 at 512 or 4096 bytes).
 fn open_disk(path: &Path, writable: bool) -> Result<FileDevice, String> {
     let dev = FileDevice::open(path, writable).map_err(|e| e.to_string())?;
-    let is_file = std::fs::metadata(path).map(|m| m.is_file()).unwrap_or(false);
+    let is_file = std::fs::metadata(path)
+        .map(|m| m.is_file())
+        .unwrap_or(false);
     if is_file {
         let mut sig = [0u8; 8];
         if dev.len() >= 4096 + 8 && dev.read_at(4096, &mut sig).is_ok() && &sig == b"EFI PART" {
@@ -133,9 +139,9 @@ fn show(path: &Path, json: bool) -> Result<(), String> {
     let (layout, flags) = store::load(&dev).map_err(|e| e.to_string())?;
     let repair = match &layout.table.repair {
         disk::table::Repair::None => None,
-        disk::table::Repair::Rebuild(which, why) => {
-            Some(format!("{which} table copy is damaged ({why}); the next change rebuilds it"))
-        }
+        disk::table::Repair::Rebuild(which, why) => Some(format!(
+            "{which} table copy is damaged ({why}); the next change rebuilds it"
+        )),
         disk::table::Repair::Resync => {
             Some("backup table copy is stale; the next change rewrites it".to_string())
         }
@@ -241,7 +247,10 @@ fn run(cli: Cli) -> Result<(), String> {
             disk::create(&mut dev, spec).map_err(|e| e.to_string())?;
             let l = disk::open(&dev).map_err(|e| e.to_string())?;
             for p in [&l.esp, &l.root_a, &l.root_b, &l.state] {
-                println!("{:<13} offset {:>12}  size {:>12}", p.label, p.offset, p.len);
+                println!(
+                    "{:<13} offset {:>12}  size {:>12}",
+                    p.label, p.offset, p.len
+                );
             }
             Ok(())
         }
@@ -259,10 +268,9 @@ fn run(cli: Cli) -> Result<(), String> {
         Cmd::Slots(SlotsCmd::Rollback { disk }) => {
             let mut from = None;
             let f = change(&disk, |f| {
-                let running = f.preferred().ok_or(bootctl::FlagError::NoBootableSlot {
-                    a: f.a,
-                    b: f.b,
-                })?;
+                let running = f
+                    .preferred()
+                    .ok_or(bootctl::FlagError::NoBootableSlot { a: f.a, b: f.b })?;
                 from = Some(running);
                 bootctl::rollback(f, running)
             })?;
