@@ -8,6 +8,7 @@
 
 pub mod board;
 pub mod control;
+pub mod install;
 pub mod roles;
 pub mod service;
 pub mod tls;

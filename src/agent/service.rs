@@ -12,6 +12,8 @@ use super::roles::{authorize, Rpc};
 use super::tls::Peer;
 use crate::block::FileDevice;
 use crate::bootctl::{self, store, Slot, SlotFlags};
+use crate::update::driver;
+use crate::update::SlotRecord;
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -37,7 +39,12 @@ pub struct AgentConfig {
     pub state_dir: PathBuf,
     /// The slot running now; found from the disk's flags at start when not given.
     pub booted: Option<Slot>,
+    /// CA bundle (PEM) trusted for https downloads; the system bundle when absent.
+    pub fetch_ca: Option<PathBuf>,
 }
+
+/// The system's CA bundle on Debian and in the KeelOS image.
+pub const SYSTEM_CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
 
 /// The service.
 #[derive(Debug, Clone)]
@@ -47,6 +54,7 @@ pub struct Agent {
     board: Board<InstallView>,
     control: Arc<dyn NodeControl>,
     started: Instant,
+    fetcher: crate::fetch::Fetcher,
 }
 
 fn internal(what: &str, e: impl std::fmt::Display) -> Status {
@@ -107,7 +115,12 @@ pub fn validate_install(r: &proto::InstallRequest) -> Vec<String> {
     errs
 }
 
-fn slot_info(flags: SlotFlags, s: Slot, booted: Option<Slot>) -> proto::SlotInfo {
+fn slot_info(
+    flags: SlotFlags,
+    s: Slot,
+    booted: Option<Slot>,
+    rec: Option<&SlotRecord>,
+) -> proto::SlotInfo {
     let f = flags.get(s);
     let state = match f.state() {
         bootctl::SlotState::Successful => "successful",
@@ -122,9 +135,11 @@ fn slot_info(flags: SlotFlags, s: Slot, booted: Option<Slot>) -> proto::SlotInfo
         successful: f.successful(),
         bootable: f.bootable(),
         state: state.into(),
-        // Each slot's image record belongs to the update engine (src/update); until it is
-        // wired in, the image is reported as unknown rather than guessed.
-        image: None,
+        image: rec.map(|r| proto::SlotImage {
+            version: r.version.clone(),
+            length: r.length,
+            sha256: crate::update::record::hex(&r.sha256),
+        }),
         booted: Some(s) == booted,
     }
 }
@@ -150,6 +165,25 @@ fn os_version() -> String {
         .unwrap_or_else(|| "unknown".into())
 }
 
+fn empty_roots() -> Arc<rustls::ClientConfig> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map(|b| {
+            b.with_root_certificates(rustls::RootCertStore::empty())
+                .with_no_client_auth()
+        });
+    match cfg {
+        Ok(c) => Arc::new(c),
+        // ring supports the default versions; this cannot fail, but never panic here.
+        Err(_) => Arc::new(
+            rustls::ClientConfig::builder()
+                .with_root_certificates(rustls::RootCertStore::empty())
+                .with_no_client_auth(),
+        ),
+    }
+}
+
 impl Agent {
     /// Reads the disk's flags once to find the booted slot when it is not given.
     pub fn new(cfg: AgentConfig, control: Arc<dyn NodeControl>) -> Result<Agent, String> {
@@ -158,7 +192,21 @@ impl Agent {
         // On a node keel-init knows the booted slot; on a host the slot the flags prefer now is
         // the one that "runs".
         let booted = cfg.booted.or_else(|| flags.preferred());
+        let tls = match &cfg.fetch_ca {
+            Some(p) => crate::fetch::tls_with_ca_bundle(p).map_err(|e| e.to_string())?,
+            None if std::path::Path::new(SYSTEM_CA_BUNDLE).exists() => {
+                crate::fetch::tls_with_ca_bundle(std::path::Path::new(SYSTEM_CA_BUNDLE))
+                    .map_err(|e| e.to_string())?
+            }
+            None => empty_roots(),
+        };
+        let fetcher = crate::fetch::Fetcher::new(
+            crate::fetch::TcpConnect,
+            tls,
+            crate::fetch::Policy::default(),
+        );
         Ok(Agent {
+            fetcher,
             cfg: Arc::new(cfg),
             booted,
             board: Board::new(),
@@ -176,12 +224,20 @@ impl Agent {
     }
 
     async fn flags(&self) -> Result<SlotFlags, Status> {
+        self.disk_view().await.map(|(f, _)| f)
+    }
+
+    /// The flags and each slot's image record (from the engine's records on the disk).
+    async fn disk_view(&self) -> Result<(SlotFlags, [Option<SlotRecord>; 2]), Status> {
         let disk = self.cfg.disk.clone();
         tokio::task::spawn_blocking(move || {
             let dev = FileDevice::open(&disk, false).map_err(|e| {
                 Status::unavailable(format!("opening the boot disk {}: {e}", disk.display()))
             })?;
-            store::load(&dev).map(|(_, f)| f).map_err(disk_status)
+            let (layout, flags) = store::load(&dev).map_err(disk_status)?;
+            // A slot whose record cannot be read shows as "image unknown".
+            let rec = |s| driver::read_record(&dev, &layout, s).ok().flatten();
+            Ok((flags, [rec(Slot::A), rec(Slot::B)]))
         })
         .await
         .map_err(|e| internal("reading the disk", e))?
@@ -200,7 +256,7 @@ impl Agent {
 
     /// The reply to Status.
     pub async fn status_reply(&self) -> Result<proto::StatusReply, Status> {
-        let flags = self.flags().await?;
+        let (flags, records) = self.disk_view().await?;
         let booted = self.booted;
         // A rollback: the other slot was preferred over the booted one but failed its tries.
         let rolled_back = booted.is_some_and(|b| {
@@ -213,7 +269,8 @@ impl Agent {
             booted_slot: booted.map(|s| s.letter().to_string()).unwrap_or_default(),
             slots: Slot::ALL
                 .iter()
-                .map(|&s| slot_info(flags, s, booted))
+                .zip(records.iter())
+                .map(|(&s, r)| slot_info(flags, s, booted, r.as_ref()))
                 .collect(),
             rolled_back,
             // The failed slot's version comes from the engine's image records (not yet wired).
@@ -263,18 +320,71 @@ impl Keel for Agent {
         if !errs.is_empty() {
             return Err(Status::invalid_argument(errs.join("; ")));
         }
-        if let Some(s) = self.board.current().filter(|s| s.running) {
-            return Err(Status::failed_precondition(format!(
-                "an update is already running: {}; wait for it (osctl status shows it)",
-                s.id
-            )));
-        }
-        // The install itself is the update engine's (src/update, being written on main); this
-        // build does not have it, so the request is refused rather than faked.
-        Err(Status::unimplemented(
-            "this keel-agent build has no update engine yet (src/update); the request was \
-             valid and nothing was written",
-        ))
+        let sha = r.sha256.trim().to_ascii_lowercase();
+        let id = format!(
+            "{} (sha256 {sha})",
+            if r.version.is_empty() {
+                "unversioned image"
+            } else {
+                r.version.as_str()
+            }
+        );
+        let view = InstallView {
+            version: r.version.clone(),
+            sha256: sha.clone(),
+            progress: proto::Progress {
+                phase: proto::Phase::Validating as i32,
+                ..Default::default()
+            },
+            result: None,
+        };
+        // Admission is atomic: of two concurrent calls exactly one gets the ticket.
+        let ticket = self
+            .board
+            .try_begin(id.clone(), view)
+            .map_err(|b| Status::failed_precondition(b.to_string()))?;
+        let seen = self.board.current().map_or(0, |s| s.seq.saturating_sub(1));
+        let job = super::install::Job {
+            disk: self.cfg.disk.clone(),
+            state_dir: self.cfg.state_dir.clone(),
+            running: self.booted,
+            full_url: r.full_image_url.trim().to_string(),
+            delta_url: r.is_delta.then(|| r.delta_url.trim().to_string()),
+            sha256: sha,
+            version: r.version.clone(),
+        };
+        // The install runs on its own task: it goes on when the client disconnects.
+        tokio::spawn(super::install::run(job, self.fetcher.clone(), ticket));
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        let board = self.board.clone();
+        tokio::spawn(async move {
+            let mut seen = seen;
+            loop {
+                let snap = board.changed(seen).await;
+                seen = snap.seq;
+                if snap.id != id {
+                    return;
+                }
+                let ev = proto::InstallEvent {
+                    event: Some(proto::install_event::Event::Progress(snap.state.progress)),
+                };
+                if tx.send(Ok(ev)).await.is_err() {
+                    return; // the client went away; the install goes on
+                }
+                if !snap.running {
+                    if let Some(r) = snap.state.result {
+                        let ev = proto::InstallEvent {
+                            event: Some(proto::install_event::Event::Result(r)),
+                        };
+                        let _ = tx.send(Ok(ev)).await;
+                    }
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
     }
 
     async fn reboot(

@@ -32,6 +32,9 @@ struct Args {
     /// The slot running now, when the disk's flags should not decide (a or b).
     #[arg(long)]
     booted_slot: Option<Slot>,
+    /// CA bundle (PEM) trusted for https update downloads (default: the system bundle).
+    #[arg(long)]
+    fetch_ca: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -76,6 +79,7 @@ async fn run(args: Args) -> Result<(), String> {
             disk: args.disk.clone(),
             state_dir: args.state_dir.clone(),
             booted: args.booted_slot,
+            fetch_ca: args.fetch_ca.clone(),
         },
         control,
     )

@@ -128,6 +128,18 @@ pub fn parse_url(url: &str) -> Result<Target, FetchError> {
     if url.is_empty() {
         return Err(bad("it is empty"));
     }
+    if let Some((scheme, _)) = url.split_once("://") {
+        let s = scheme.to_ascii_lowercase();
+        let valid = !s.is_empty()
+            && s.chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '+' || c == '-' || c == '.');
+        if valid && s != "http" && s != "https" {
+            return Err(FetchError::UnsupportedScheme {
+                url: url.to_string(),
+                scheme: scheme.to_string(),
+            });
+        }
+    }
     let uri: http::Uri = url
         .parse()
         .map_err(|e: http::uri::InvalidUri| bad(&e.to_string()))?;
@@ -261,6 +273,44 @@ impl<C: Connect> Fetcher<C> {
             reconnects: 0,
             done: false,
             last_cut: None,
+        })
+    }
+
+    /// The size of the file at `url`, asked with a one-byte Range request (a server that ignores
+    /// Range answers the whole file's Content-Length). `None` when the server does not say.
+    pub async fn size(&self, url: &str) -> Result<Option<u64>, FetchError> {
+        let t = parse_url(url)?;
+        let r = tokio::time::timeout(self.policy.connect_timeout, async {
+            let io = self.open_stream(&t).await.map_err(|e| e.to_string())?;
+            let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+                .await
+                .map_err(|e| e.to_string())?;
+            tokio::spawn(async move {
+                let _ = conn.await;
+            });
+            let req = http::Request::get(&t.path)
+                .header(http::header::HOST, format!("{}:{}", t.host, t.port))
+                .header(http::header::RANGE, "bytes=0-0")
+                .body(Empty::<Bytes>::new())
+                .map_err(|e| e.to_string())?;
+            sender.send_request(req).await.map_err(|e| e.to_string())
+        })
+        .await;
+        let resp = match r {
+            Ok(Ok(resp)) => resp,
+            // The size is advisory: the download itself reports real failures.
+            _ => return Ok(None),
+        };
+        let h = resp.headers();
+        let get = |n: http::header::HeaderName| {
+            h.get(n).and_then(|v| v.to_str().ok()).map(str::to_string)
+        };
+        Ok(match resp.status().as_u16() {
+            206 => get(http::header::CONTENT_RANGE)
+                .and_then(|v| parse_content_range(&v))
+                .and_then(|(_, total)| total),
+            200 => get(http::header::CONTENT_LENGTH).and_then(|v| v.parse().ok()),
+            _ => None,
         })
     }
 

@@ -61,6 +61,7 @@ pub async fn start_node() -> Node {
             disk: disk.clone(),
             state_dir: state,
             booted: None,
+            fetch_ca: None,
         },
         Arc::new(Unavailable),
     )
@@ -155,4 +156,191 @@ pub fn chain(st: &tonic::Status) -> String {
         cur = c.source();
     }
     s
+}
+
+// ---------------------------------------------------------------------------------------------
+// A real HTTP/1.1 server on 127.0.0.1 (hyper), with faults on demand.
+
+use bytes::Bytes;
+use http_body_util::{combinators::BoxBody, BodyExt, Full, StreamBody};
+use hyper::body::Frame;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::Mutex;
+
+#[derive(Default)]
+pub struct ServerState {
+    pub files: Mutex<HashMap<String, Vec<u8>>>,
+    /// Cut this many responses after `cut_after` bytes of body.
+    pub cuts: AtomicU32,
+    pub cut_after: AtomicU32,
+    /// Answer Range requests with the whole file (200).
+    pub ignore_range: AtomicBool,
+    /// Paths served in 16 KiB pieces with a pause between them (for concurrent-install tests).
+    pub slow: Mutex<Vec<String>>,
+    /// Every request's Range header ("" when none).
+    pub ranges: Mutex<Vec<String>>,
+}
+
+pub struct HttpServer {
+    pub addr: SocketAddr,
+    pub state: Arc<ServerState>,
+}
+
+impl HttpServer {
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+    pub fn put(&self, path: &str, data: Vec<u8>) {
+        self.state.files.lock().unwrap().insert(path.into(), data);
+    }
+}
+
+type Body = BoxBody<Bytes, std::io::Error>;
+
+fn full(status: u16, b: &'static str) -> hyper::Response<Body> {
+    hyper::Response::builder()
+        .status(status)
+        .body(Full::new(Bytes::from(b)).map_err(|e| match e {}).boxed())
+        .unwrap()
+}
+
+async fn handle(
+    st: Arc<ServerState>,
+    req: hyper::Request<hyper::body::Incoming>,
+) -> hyper::Response<Body> {
+    let path = req.uri().path().to_string();
+    let range = req
+        .headers()
+        .get("range")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    st.ranges.lock().unwrap().push(range.clone());
+    if path == "/404" {
+        return full(404, "not found");
+    }
+    if path == "/500" {
+        return full(500, "broken");
+    }
+    let Some(data) = st.files.lock().unwrap().get(&path).cloned() else {
+        return full(404, "not found");
+    };
+    let start: u64 = range
+        .strip_prefix("bytes=")
+        .and_then(|r| r.split('-').next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let end_incl: Option<u64> = range
+        .strip_prefix("bytes=")
+        .and_then(|r| r.split('-').nth(1))
+        .and_then(|s| s.parse().ok());
+    let partial = !range.is_empty() && !st.ignore_range.load(Ordering::SeqCst);
+    let total = data.len() as u64;
+    let (from, to) = if partial {
+        (
+            start.min(total),
+            end_incl.map_or(total, |e| (e + 1).min(total)),
+        )
+    } else {
+        (0, total)
+    };
+    let body_bytes = data[from as usize..to as usize].to_vec();
+    let mut resp = hyper::Response::builder()
+        .header("content-length", body_bytes.len().to_string())
+        .header("accept-ranges", "bytes");
+    if partial {
+        resp = resp.status(206).header(
+            "content-range",
+            format!("bytes {from}-{}/{total}", to.saturating_sub(1)),
+        );
+    }
+    // Cut this response mid-body?
+    let cut = st
+        .cuts
+        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |c| c.checked_sub(1))
+        .is_ok()
+        && to - from > 1;
+    let slow = st.slow.lock().unwrap().contains(&path);
+    let cut_after = (st.cut_after.load(Ordering::SeqCst) as usize)
+        .min(body_bytes.len() / 2)
+        .max(1);
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, std::io::Error>>(4);
+    tokio::spawn(async move {
+        let piece = if slow { 16 * 1024 } else { 64 * 1024 };
+        let limit = if cut { cut_after } else { body_bytes.len() };
+        let mut sent = 0;
+        while sent < limit {
+            let n = piece.min(limit - sent);
+            if tx
+                .send(Ok(Frame::data(Bytes::copy_from_slice(
+                    &body_bytes[sent..sent + n],
+                ))))
+                .await
+                .is_err()
+            {
+                return;
+            }
+            sent += n;
+            if slow {
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+        }
+        if cut {
+            // Let the bytes reach the client before the connection is cut.
+            tokio::time::sleep(std::time::Duration::from_millis(30)).await;
+            let _ = tx
+                .send(Err(std::io::Error::new(
+                    std::io::ErrorKind::ConnectionReset,
+                    "cut by test",
+                )))
+                .await;
+        }
+    });
+    let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
+    resp.body(BodyExt::boxed(StreamBody::new(stream))).unwrap()
+}
+
+/// Start the server on a free loopback port.
+pub async fn http_server() -> HttpServer {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let state = Arc::new(ServerState::default());
+    let st = state.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                return;
+            };
+            let st = st.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req| {
+                    let st = st.clone();
+                    async move { Ok::<_, std::convert::Infallible>(handle(st, req).await) }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
+                    .await;
+            });
+        }
+    });
+    HttpServer { addr, state }
+}
+
+/// Deterministic incompressible bytes.
+pub fn image(seed: u8, len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|i| {
+            let mut x = (i as u64 / 8) ^ (u64::from(seed) << 40);
+            x = x.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+            x ^= x >> 29;
+            x = x.wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            (x >> (8 * (i % 8))) as u8
+        })
+        .collect()
+}
+
+pub fn sha(b: &[u8]) -> String {
+    use sha2::Digest;
+    keelos::update::record::hex(&sha2::Sha256::digest(b))
 }
