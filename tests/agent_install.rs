@@ -282,3 +282,40 @@ async fn two_concurrent_installs_exactly_one_runs() {
     }
     assert!(seen_running);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rollback_after_an_install_and_refusals() {
+    let v1 = image(1, IMG_LEN);
+    let node = start_node_with(|d| run_v1(d, &v1)).await;
+    // Slot B holds nothing: a rollback is refused with the reason, nothing changes.
+    let e = node
+        .client(Role::Admin)
+        .rollback(proto::RollbackRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition);
+    assert!(e.message().contains("not bootable"), "{}", e.message());
+    assert_eq!(status(&node).await.next_boot_slot, "a");
+    // Reboot only-if-staged with nothing staged: refused; on a host without keel-init a reboot
+    // is unavailable, clearly.
+    let e = node
+        .client(Role::Operator)
+        .reboot(proto::RebootRequest {
+            only_if_staged: true,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition);
+    assert!(
+        e.message().contains("no update is staged"),
+        "{}",
+        e.message()
+    );
+    let e = node
+        .client(Role::Operator)
+        .reboot(proto::RebootRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unavailable);
+    assert!(e.message().contains("--control"), "{}", e.message());
+}
