@@ -66,3 +66,130 @@ impl NodeControl for Unavailable {
         Box::pin(async { Err(ControlError::Unavailable(WHY.into())) })
     }
 }
+
+/// keel-init over its control socket (protocol in `src/control`). Each call opens a connection;
+/// the blocking client runs on tokio's blocking pool.
+#[derive(Debug, Clone)]
+pub struct InitSocket {
+    pub path: std::path::PathBuf,
+    pub timeout: std::time::Duration,
+}
+
+impl InitSocket {
+    pub fn new(path: impl Into<std::path::PathBuf>) -> Self {
+        InitSocket {
+            path: path.into(),
+            timeout: std::time::Duration::from_secs(10),
+        }
+    }
+
+    async fn call<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut crate::control::Client) -> Result<T, crate::control::ControlError>
+            + Send
+            + 'static,
+    ) -> Result<T, ControlError> {
+        let (path, timeout) = (self.path.clone(), self.timeout);
+        tokio::task::spawn_blocking(move || {
+            let mut c = crate::control::Client::connect(&path, timeout).map_err(from_init)?;
+            f(&mut c).map_err(from_init)
+        })
+        .await
+        .map_err(|e| ControlError::Unavailable(format!("control call did not finish: {e}")))?
+    }
+}
+
+fn from_init(e: crate::control::ControlError) -> ControlError {
+    use crate::control::ControlError as E;
+    match e {
+        E::Refused(m) if m.contains("no service") => ControlError::NoSuchService(m),
+        E::Refused(m) => ControlError::Refused(m),
+        E::Connect { .. } => ControlError::Unavailable(e.to_string()),
+        other => ControlError::Refused(other.to_string()),
+    }
+}
+
+fn state_name(s: &crate::control::ServiceStatus) -> String {
+    serde_json::to_value(s.state)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_else(|| format!("{:?}", s.state).to_lowercase())
+}
+
+impl NodeControl for InitSocket {
+    fn services(&self) -> BoxFut<'_, Vec<ServiceView>> {
+        Box::pin(async move {
+            let list = self.call(|c| c.list_services()).await?;
+            Ok(list
+                .into_iter()
+                .map(|s| ServiceView {
+                    state: state_name(&s),
+                    name: s.name,
+                    pid: s.pid.map_or(0, |p| p.max(0) as u32),
+                    restarts: s.restarts,
+                    detail: [
+                        s.uptime_secs.map(|u| format!("up {u}s")),
+                        s.last_exit.map(|e| format!("last run {e}")),
+                        s.error,
+                    ]
+                    .into_iter()
+                    .flatten()
+                    .collect::<Vec<_>>()
+                    .join("; "),
+                })
+                .collect())
+        })
+    }
+
+    fn restart(&self, name: String) -> BoxFut<'_, String> {
+        Box::pin(async move {
+            let n = name.clone();
+            self.call(move |c| c.restart(&n)).await?;
+            Ok(format!("service {name} restarted"))
+        })
+    }
+
+    fn logs(&self, service: String, follow: bool, tail: u32) -> BoxFut<'_, LogStream> {
+        Box::pin(async move {
+            // keel-init counts bytes; a line is taken as at most 256 bytes of tail
+            let tail_bytes = (tail > 0).then(|| u64::from(tail) * 256);
+            let (tx, rx) = tokio::sync::mpsc::channel(64);
+            let (path, timeout) = (self.path.clone(), self.timeout);
+            let first = tokio::task::spawn_blocking(move || {
+                let mut c = crate::control::Client::connect(&path, timeout).map_err(from_init)?;
+                if !follow {
+                    let text = c.logs(&service, tail_bytes).map_err(from_init)?;
+                    for line in text.lines() {
+                        if tx.blocking_send(line.to_string()).is_err() {
+                            break;
+                        }
+                    }
+                    return Ok(());
+                }
+                let stream = c.follow_logs(&service, tail_bytes).map_err(from_init)?;
+                std::thread::spawn(move || {
+                    let mut partial = String::new();
+                    for chunk in stream {
+                        let Ok(chunk) = chunk else { break };
+                        partial.push_str(&chunk);
+                        while let Some(i) = partial.find('\n') {
+                            let line: String = partial.drain(..=i).collect();
+                            if tx.blocking_send(line.trim_end().to_string()).is_err() {
+                                return;
+                            }
+                        }
+                    }
+                });
+                Ok(())
+            });
+            first.await.map_err(|e| {
+                ControlError::Unavailable(format!("control call did not finish: {e}"))
+            })??;
+            Ok(rx)
+        })
+    }
+
+    fn reboot(&self) -> BoxFut<'_, ()> {
+        Box::pin(async move { self.call(|c| c.reboot()).await })
+    }
+}

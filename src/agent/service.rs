@@ -185,6 +185,11 @@ fn empty_roots() -> Arc<rustls::ClientConfig> {
 }
 
 impl Agent {
+    /// The node configuration on STATE.
+    fn config_path(&self) -> PathBuf {
+        self.cfg.state_dir.join("config/node.json")
+    }
+
     /// Reads the disk's flags once to find the booted slot when it is not given.
     pub fn new(cfg: AgentConfig, control: Arc<dyn NodeControl>) -> Result<Agent, String> {
         let dev = FileDevice::open(&cfg.disk, false).map_err(|e| e.to_string())?;
@@ -463,9 +468,14 @@ impl Keel for Agent {
         req: Request<proto::GetConfigRequest>,
     ) -> Result<Response<proto::ConfigReply>, Status> {
         check(&req, Rpc::GetConfig)?;
-        Err(Status::unimplemented(
-            "node configuration (src/config) is not part of this keel-agent build yet",
-        ))
+        let path = self.config_path();
+        let cfg = tokio::task::spawn_blocking(move || crate::config::load(&path))
+            .await
+            .map_err(|e| internal("config", e))?
+            .map_err(|e| Status::failed_precondition(e.to_string()))?
+            .unwrap_or_default();
+        let json = serde_json::to_string_pretty(&cfg).map_err(|e| internal("config", e))?;
+        Ok(Response::new(proto::ConfigReply { json }))
     }
 
     async fn apply_config(
@@ -473,10 +483,55 @@ impl Keel for Agent {
         req: Request<proto::ApplyConfigRequest>,
     ) -> Result<Response<proto::ApplyConfigReply>, Status> {
         check(&req, Rpc::ApplyConfig)?;
-        Err(Status::unimplemented(
-            "node configuration (src/config) is not part of this keel-agent build yet; \
-             nothing was written",
-        ))
+        let r = req.into_inner();
+        let path = self.config_path();
+        let new = match crate::config::parse(&path, r.json.as_bytes()) {
+            Ok(c) => c,
+            Err(crate::config::ConfigError::Invalid { errors, .. }) => {
+                return Err(Status::invalid_argument(format!(
+                    "the configuration has {} problem(s), nothing was written: {}",
+                    errors.len(),
+                    errors.join("; ")
+                )))
+            }
+            Err(e) => {
+                return Err(Status::invalid_argument(format!(
+                    "{e}; nothing was written"
+                )))
+            }
+        };
+        let p = path.clone();
+        let old = tokio::task::spawn_blocking(move || crate::config::load(&p))
+            .await
+            .map_err(|e| internal("config", e))?
+            .map_err(|e| Status::failed_precondition(e.to_string()))?
+            .unwrap_or_default();
+        let changes = config_changes(&old, &new);
+        if r.dry_run || changes.is_empty() {
+            return Ok(Response::new(proto::ApplyConfigReply {
+                applied: false,
+                changes,
+            }));
+        }
+        tokio::task::spawn_blocking(move || {
+            if let Some(dir) = path.parent() {
+                std::fs::create_dir_all(dir).map_err(|source| {
+                    crate::config::ConfigError::Write {
+                        op: "create the directory of",
+                        path: path.clone(),
+                        source,
+                    }
+                })?;
+            }
+            crate::config::store(&path, &new)
+        })
+        .await
+        .map_err(|e| internal("config", e))?
+        .map_err(|e| Status::internal(e.to_string()))?;
+        Ok(Response::new(proto::ApplyConfigReply {
+            applied: true,
+            changes,
+        }))
     }
 
     async fn service_list(
@@ -532,6 +587,39 @@ impl Keel for Agent {
         let s = tokio_stream::StreamExt::map(s, |line| Ok(proto::LogLine { line }));
         Ok(Response::new(Box::pin(s)))
     }
+}
+
+/// What differs between two configurations, one line per changed leaf (`path: old -> new`).
+fn config_changes(old: &crate::config::NodeConfig, new: &crate::config::NodeConfig) -> Vec<String> {
+    fn walk(path: &str, a: &serde_json::Value, b: &serde_json::Value, out: &mut Vec<String>) {
+        use serde_json::Value;
+        match (a, b) {
+            (Value::Object(x), Value::Object(y)) => {
+                let keys: std::collections::BTreeSet<&String> = x.keys().chain(y.keys()).collect();
+                for k in keys {
+                    let p = if path.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{path}.{k}")
+                    };
+                    walk(
+                        &p,
+                        x.get(k).unwrap_or(&Value::Null),
+                        y.get(k).unwrap_or(&Value::Null),
+                        out,
+                    );
+                }
+            }
+            (x, y) if x != y => out.push(format!("{path}: {x} -> {y}")),
+            _ => {}
+        }
+    }
+    let mut out = Vec::new();
+    match (serde_json::to_value(old), serde_json::to_value(new)) {
+        (Ok(a), Ok(b)) => walk("", &a, &b, &mut out),
+        _ => out.push("the whole configuration".into()),
+    }
+    out
 }
 
 /// Serve the API on `listener` over mutual TLS until `shutdown` resolves.

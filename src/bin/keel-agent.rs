@@ -2,7 +2,7 @@
 //! only; everything else lives in `keelos::agent`.
 
 use clap::Parser;
-use keelos::agent::control::{NodeControl, Unavailable};
+use keelos::agent::control::{InitSocket, NodeControl, Unavailable};
 use keelos::agent::service::{serve, Agent, AgentConfig};
 use keelos::agent::tls;
 use keelos::bootctl::Slot;
@@ -63,16 +63,7 @@ async fn run(args: Args) -> Result<(), String> {
     let tls = tls::server_config(&args.pki).map_err(|e| e.to_string())?;
     let control: Arc<dyn NodeControl> = match &args.control {
         None => Arc::new(Unavailable),
-        Some(p) => {
-            // keel-init's control protocol (src/control) is not part of this build: say so and
-            // answer service, log and reboot calls as unavailable instead of guessing it.
-            eprintln!(
-                "keel-agent: --control {} given, but this build has no control-socket client \
-                 yet; services, logs and reboot will answer UNAVAILABLE",
-                p.display()
-            );
-            Arc::new(Unavailable)
-        }
+        Some(p) => Arc::new(InitSocket::new(p)),
     };
     let agent = Agent::new(
         AgentConfig {

@@ -54,6 +54,18 @@ pub async fn start_node() -> Node {
 
 /// Like [`start_node`], with `prepare` run on the new disk file before the agent starts.
 pub async fn start_node_with(prepare: impl FnOnce(&Path)) -> Node {
+    start_node_full(prepare, Arc::new(Unavailable)).await
+}
+
+/// Like [`start_node`], with the agent reaching keel-init through `control`.
+pub async fn start_node_control(control: Arc<dyn keelos::agent::control::NodeControl>) -> Node {
+    start_node_full(|_| {}, control).await
+}
+
+async fn start_node_full(
+    prepare: impl FnOnce(&Path),
+    control: Arc<dyn keelos::agent::control::NodeControl>,
+) -> Node {
     let dir = tempfile::tempdir().unwrap();
     let pki_dir = dir.path().join("pki");
     pki::generate(&pki_dir, &["localhost".into(), "127.0.0.1".into()], None).unwrap();
@@ -69,7 +81,7 @@ pub async fn start_node_with(prepare: impl FnOnce(&Path)) -> Node {
             booted: None,
             fetch_ca: None,
         },
-        Arc::new(Unavailable),
+        control,
     )
     .unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
