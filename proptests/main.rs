@@ -2,3 +2,4 @@
 #![allow(clippy::panic, clippy::unwrap_used)] // a test crate: failing loudly is its job
 mod common;
 mod flags;
+mod update;

@@ -8,7 +8,10 @@
 pub mod agent;
 pub mod block;
 pub mod bootctl;
+pub mod config;
+pub mod control;
 pub mod disk;
 pub mod fetch;
+pub mod init;
 pub mod pki;
 pub mod update;

@@ -161,6 +161,11 @@ impl CrashDevice {
         self.written.clear();
     }
 
+    /// Keep only the logged writes for which `keep(start, end)` holds.
+    pub fn retain_writes(&mut self, mut keep: impl FnMut(u64, u64) -> bool) {
+        self.written.retain(|(s, e)| keep(*s, *e));
+    }
+
     /// Every byte range ever written, merged, as `(start, end)` with `end` exclusive: what a
     /// test checks to prove that nothing was written somewhere it must not be.
     pub fn written_ranges(&self) -> Vec<(u64, u64)> {
@@ -205,6 +210,12 @@ impl CrashDevice {
     /// Make access number `index` (see [`Self::ops`]) fail with an I/O error, with no effect.
     pub fn fail_op(&mut self, index: u64) {
         self.fail_ops.insert(index);
+    }
+
+    /// Disarm a pending power cut and injected failures, without a crash.
+    pub fn clear_faults(&mut self) {
+        self.power_cut_at = None;
+        self.fail_ops.clear();
     }
 
     /// Power loss and restart: keep what `choice` says of the unflushed writes (writes it does

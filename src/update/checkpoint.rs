@@ -51,8 +51,16 @@ impl FileStore {
         FileStore { path: path.into() }
     }
 
+    /// The directory holding the file ("." for a bare file name).
+    fn dir(&self) -> &std::path::Path {
+        match self.path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => std::path::Path::new("."),
+        }
+    }
+
     fn sync_dir(&self) -> Result<(), String> {
-        let dir = self.path.parent().unwrap_or(std::path::Path::new("."));
+        let dir = self.dir();
         std::fs::File::open(dir)
             .and_then(|d| d.sync_all())
             .map_err(|e| format!("fsync {}: {e}", dir.display()))
@@ -70,9 +78,7 @@ impl CheckpointStore for FileStore {
     fn put(&mut self, bytes: &[u8]) -> Result<(), String> {
         let tmp = self.path.with_extension("tmp");
         let err = |e: std::io::Error| format!("write checkpoint {}: {e}", tmp.display());
-        if let Some(dir) = self.path.parent() {
-            std::fs::create_dir_all(dir).map_err(err)?;
-        }
+        std::fs::create_dir_all(self.dir()).map_err(err)?;
         let mut f = std::fs::File::create(&tmp).map_err(err)?;
         f.write_all(bytes).map_err(err)?;
         f.sync_all().map_err(err)?;

@@ -67,9 +67,17 @@ pub struct Request {
     pub checkpoint_every: u64,
 }
 
-/// The slot the disk runs from: the one the boot stage would choose now.
+/// The slot an install treats as running on a disk that is not booted (the offline tool, a
+/// host-side agent): the slot holding the last image that booted successfully. The boot stage
+/// may prefer a staged slot that has not booted yet; that slot is the target of a re-issued
+/// install, never its source, so the known-good slot is never invalidated while the staged
+/// one is still unproven.
 pub fn running_slot(flags: SlotFlags) -> Option<Slot> {
-    flags.preferred()
+    match flags.preferred() {
+        Some(p) if flags.get(p).successful() => Some(p),
+        Some(p) if flags.get(p.other()).successful() => Some(p.other()),
+        other => other,
+    }
 }
 
 /// Turn a request into a plan for this disk: the target is the slot that is not running (A on

@@ -196,6 +196,8 @@ fn failures_leave_the_running_slot_alone_and_the_target_unbootable() {
     huge.full.image_len = Some(10 * MIB);
     let mut bad_digest = req(&v2, v2.len());
     bad_digest.sha256 = "xyz".into();
+    let mut short = req(&v2, v2.len());
+    short.full.image_len = Some(v2.len() as u64);
     let mut bad_tries = req(&v2, v2.len());
     bad_tries.tries = 0;
     type Check = fn(&InstallError) -> bool;

@@ -5,6 +5,7 @@ use clap::{Parser, Subcommand};
 use keelos::block::{BlockDevice, FileDevice};
 use keelos::bootctl::{self, store, Slot, DEFAULT_TRIES};
 use keelos::disk::{self, LayoutSpec};
+use keelos::update::{self, bspatch, checkpoint, driver, record, zframes};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -23,6 +24,53 @@ enum Cmd {
     /// A/B slot flags.
     #[command(subcommand)]
     Slots(SlotsCmd),
+    /// Install an image into the inactive slot and activate it (full, or a delta with the full
+    /// image as fallback).
+    Install {
+        disk: PathBuf,
+        /// The full image: uncompressed, or its zstd form (`keel-image compress`).
+        #[arg(long)]
+        image: PathBuf,
+        /// A BSDIFF40 patch from the running slot's image; --image is the fallback.
+        #[arg(long)]
+        delta: Option<PathBuf>,
+        /// SHA-256 of the uncompressed image.
+        #[arg(long)]
+        sha256: String,
+        #[arg(long, default_value = "")]
+        version: String,
+        #[arg(long, default_value_t = DEFAULT_TRIES)]
+        tries: u8,
+        /// Where the resume checkpoint lives (default: DISK.checkpoint).
+        #[arg(long)]
+        checkpoint: Option<PathBuf>,
+    },
+    /// Write the resumable zstd form of an image (independent frames plus a seek table).
+    Compress {
+        image: PathBuf,
+        out: PathBuf,
+        #[arg(long, default_value_t = 19)]
+        level: i32,
+    },
+    /// BSDIFF40 deltas between uncompressed images.
+    #[command(subcommand)]
+    Delta(DeltaCmd),
+}
+
+#[derive(Subcommand)]
+enum DeltaCmd {
+    /// Make PATCH that turns OLD into NEW.
+    Create {
+        old: PathBuf,
+        new: PathBuf,
+        patch: PathBuf,
+    },
+    /// Apply PATCH to OLD, writing NEW.
+    Apply {
+        old: PathBuf,
+        patch: PathBuf,
+        new: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -123,6 +171,10 @@ struct SlotJson {
     successful: bool,
     bootable: bool,
     state: bootctl::SlotState,
+    /// From the slot's image record; null when the slot has none.
+    version: Option<String>,
+    length: Option<u64>,
+    sha256: Option<String>,
 }
 
 #[derive(serde::Serialize)]
@@ -151,7 +203,11 @@ fn show(path: &Path, json: bool) -> Result<(), String> {
             .iter()
             .map(|&s| {
                 let f = flags.get(s);
+                let rec = driver::read_record(&dev, &layout, s).ok().flatten();
                 SlotJson {
+                    version: rec.as_ref().map(|r| r.version.clone()),
+                    length: rec.as_ref().map(|r| r.length),
+                    sha256: rec.as_ref().map(|r| record::hex(&r.sha256)),
                     slot: s,
                     label: s.label(),
                     priority: f.priority(),
@@ -172,17 +228,22 @@ fn show(path: &Path, json: bool) -> Result<(), String> {
         );
         return Ok(());
     }
-    println!("SLOT  LABEL          PRIORITY  TRIES  SUCCESSFUL  BOOTABLE  STATE");
+    println!(
+        "SLOT  LABEL          PRIORITY  TRIES  SUCCESSFUL  BOOTABLE  STATE       VERSION     LENGTH      SHA256"
+    );
     for s in &out.slots {
         println!(
-            "{:<5} {:<14} {:<9} {:<6} {:<11} {:<9} {:?}",
+            "{:<5} {:<14} {:<9} {:<6} {:<11} {:<9} {:<11} {:<11} {:<11} {}",
             s.slot.letter(),
             s.label,
             s.priority,
             s.tries,
             u8::from(s.successful),
             if s.bootable { "yes" } else { "no" },
-            s.state
+            format!("{:?}", s.state).to_lowercase(),
+            s.version.as_deref().unwrap_or("-"),
+            s.length.map_or("-".to_string(), |l| l.to_string()),
+            s.sha256.as_deref().unwrap_or("-"),
         );
     }
     match out.boot {
@@ -204,8 +265,176 @@ fn change(
     Ok(flags)
 }
 
+fn install(
+    path: &Path,
+    image: &Path,
+    delta: Option<&Path>,
+    sha256: String,
+    version: String,
+    tries: u8,
+    checkpoint: Option<PathBuf>,
+) -> Result<(), String> {
+    use std::os::unix::fs::FileExt;
+    let open =
+        |p: &Path| std::fs::File::open(p).map_err(|e| format!("cannot open {}: {e}", p.display()));
+    let full = open(image)?;
+    let size = full.metadata().map_err(|e| e.to_string())?.len();
+    let mut head = [0u8; 4];
+    let n = full.read_at(&mut head, 0).map_err(|e| e.to_string())?;
+    let image_len = if zframes::is_zstd(&head[..n]) {
+        let tail_len = size.min(1 << 20);
+        let mut tail = vec![0u8; tail_len as usize];
+        full.read_exact_at(&mut tail, size - tail_len)
+            .map_err(|e| e.to_string())?;
+        zframes::seek_table_size(&tail)
+    } else {
+        Some(size)
+    };
+    let patch = delta.map(open).transpose()?;
+    let mut dev = open_disk(path, true)?;
+    let (_, flags) = store::load(&dev).map_err(|e| e.to_string())?;
+    let req = driver::Request {
+        sha256,
+        version,
+        tries,
+        full: update::FullImage {
+            identity: format!("file:{}:{size}", image.display()),
+            fetch_size: Some(size),
+            image_len,
+        },
+        delta: delta.map(|p| format!("file:{}", p.display())),
+        checkpoint_every: update::DEFAULT_CHECKPOINT_EVERY,
+    };
+    let (layout, plan) =
+        driver::plan(&dev, driver::running_slot(flags), req).map_err(|e| e.to_string())?;
+    let mut store_cp = checkpoint::FileStore::new(
+        checkpoint.unwrap_or_else(|| PathBuf::from(format!("{}.checkpoint", path.display()))),
+    );
+    let mut inputs = driver::FileInputs { full, patch };
+    let mut last = None;
+    let report = driver::run(
+        &mut dev,
+        &layout,
+        plan,
+        &mut inputs,
+        &mut store_cp,
+        &mut |p| {
+            if last != Some(p.phase) {
+                eprintln!("{:?}...", p.phase);
+                last = Some(p.phase);
+            }
+        },
+    )
+    .map_err(|e| e.to_string())?;
+    println!(
+        "staged {} in slot {} ({} bytes, sha256 {}){}",
+        if report.version.is_empty() {
+            "image"
+        } else {
+            &report.version
+        },
+        report.slot,
+        report.image_len,
+        report.sha256,
+        match &report.resume {
+            update::Resume::From(n) => format!(", resumed at byte {n}"),
+            _ => String::new(),
+        }
+    );
+    if delta.is_some() {
+        match &report.fallback_reason {
+            Some(r) => println!("delta not used, fell back to the full image: {r}"),
+            None => println!("delta used: {} bytes saved", report.bytes_saved),
+        }
+    }
+    Ok(())
+}
+
+fn delta_apply(old: &Path, patch: &Path, new: &Path) -> Result<(), String> {
+    use std::io::Write;
+    use std::os::unix::fs::FileExt;
+    let old_f =
+        std::fs::File::open(old).map_err(|e| format!("cannot open {}: {e}", old.display()))?;
+    let old_len = old_f.metadata().map_err(|e| e.to_string())?.len();
+    let patch_bytes =
+        std::fs::read(patch).map_err(|e| format!("cannot read {}: {e}", patch.display()))?;
+    let mut p = bspatch::Patcher::new(patch_bytes, old_len, u64::MAX)
+        .map_err(|e| format!("{}: {e}", patch.display()))?;
+    let tmp = new.with_extension("partial");
+    let mut out = std::io::BufWriter::new(
+        std::fs::File::create(&tmp).map_err(|e| format!("cannot create {}: {e}", tmp.display()))?,
+    );
+    loop {
+        match p.step().map_err(|e| format!("{}: {e}", patch.display()))? {
+            bspatch::Step::NeedSource { offset, len } => {
+                let mut b = vec![0u8; len];
+                old_f
+                    .read_exact_at(&mut b, offset)
+                    .map_err(|e| format!("read {}: {e}", old.display()))?;
+                p.source(b);
+            }
+            bspatch::Step::Output(b) => out.write_all(&b).map_err(|e| e.to_string())?,
+            bspatch::Step::Done => break,
+        }
+    }
+    out.into_inner()
+        .map_err(|e| e.to_string())?
+        .sync_all()
+        .map_err(|e| e.to_string())?;
+    std::fs::rename(&tmp, new).map_err(|e| e.to_string())
+}
+
 fn run(cli: Cli) -> Result<(), String> {
     match cli.cmd {
+        Cmd::Install {
+            disk,
+            image,
+            delta,
+            sha256,
+            version,
+            tries,
+            checkpoint,
+        } => install(
+            &disk,
+            &image,
+            delta.as_deref(),
+            sha256,
+            version,
+            tries,
+            checkpoint,
+        ),
+        Cmd::Compress { image, out, level } => {
+            let input = std::fs::File::open(&image)
+                .map_err(|e| format!("cannot open {}: {e}", image.display()))?;
+            let output = std::fs::File::create(&out)
+                .map_err(|e| format!("cannot create {}: {e}", out.display()))?;
+            let mut w = std::io::BufWriter::new(output);
+            let n = zframes::compress(
+                std::io::BufReader::new(input),
+                &mut w,
+                level,
+                zframes::FRAME_SIZE,
+            )
+            .map_err(|e| e.to_string())?;
+            println!("{} bytes", n);
+            Ok(())
+        }
+        Cmd::Delta(DeltaCmd::Create { old, new, patch }) => {
+            let read = |p: &Path| {
+                std::fs::read(p).map_err(|e| format!("cannot read {}: {e}", p.display()))
+            };
+            let (o, n) = (read(&old)?, read(&new)?);
+            let f = std::fs::File::create(&patch)
+                .map_err(|e| format!("cannot create {}: {e}", patch.display()))?;
+            let mut w = std::io::BufWriter::new(f);
+            qbsdiff::Bsdiff::new(&o, &n)
+                .compare(&mut w)
+                .map_err(|e| e.to_string())?;
+            use std::io::Write;
+            w.flush().map_err(|e| e.to_string())?;
+            Ok(())
+        }
+        Cmd::Delta(DeltaCmd::Apply { old, patch, new }) => delta_apply(&old, &patch, &new),
         Cmd::Disk(DiskCmd::Create {
             disk: path,
             size,

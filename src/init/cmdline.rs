@@ -1,0 +1,273 @@
+//! Parsing what keel-init is told at start: the kernel command line (`keel.*` parameters) and
+//! its own arguments. Pure: text in, values and warnings out. Bad values never stop a boot; they
+//! are reported and the default is used.
+
+use crate::bootctl::Slot;
+use crate::config::Ipv4Cidr;
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+
+/// The `keel.*` parameters of the kernel command line.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct KernelParams {
+    /// `keel.ip=10.0.2.15/24`
+    pub ip: Option<Ipv4Cidr>,
+    /// `keel.gw=10.0.2.2`
+    pub gateway: Option<Ipv4Addr>,
+    /// `keel.iface=eth0`
+    pub iface: Option<String>,
+    /// `keel.watchdog=60` (seconds; 0 disables the watchdog in stage 1)
+    pub watchdog_secs: Option<u32>,
+    /// `keel.disk_wait=30`: how long stage 1 waits for the boot disk to appear (seconds).
+    pub disk_wait_secs: Option<u64>,
+    /// `keel.modules=/lib/modules/keel-modules.list`
+    pub modules: Option<PathBuf>,
+    /// `keel.stage=1|2`: force a stage.
+    pub stage: Option<u8>,
+    /// `keel.disk=/dev/vdb`: boot from this disk instead of scanning for the KeelOS labels.
+    pub disk: Option<PathBuf>,
+}
+
+/// Split a command line the way the kernel does: whitespace separates, double quotes group.
+/// Everything after a lone `--` belongs to init's argv and is not a kernel parameter.
+pub fn split(cmdline: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut cur = String::new();
+    let mut quoted = false;
+    let mut any = false;
+    for c in cmdline.chars() {
+        match c {
+            '"' => {
+                quoted = !quoted;
+                any = true;
+            }
+            c if c.is_whitespace() && !quoted => {
+                if any {
+                    out.push(std::mem::take(&mut cur));
+                    any = false;
+                }
+            }
+            c => {
+                cur.push(c);
+                any = true;
+            }
+        }
+    }
+    if any {
+        out.push(cur);
+    }
+    if let Some(i) = out.iter().position(|w| w == "--") {
+        out.truncate(i);
+    }
+    out
+}
+
+/// Parse the `keel.*` parameters; other parameters are ignored. Returns the values and a
+/// warning for each value that could not be used.
+pub fn parse_kernel(cmdline: &str) -> (KernelParams, Vec<String>) {
+    let mut p = KernelParams::default();
+    let mut warn = Vec::new();
+    for word in split(cmdline) {
+        let Some((key, value)) = word.split_once('=') else {
+            continue;
+        };
+        let bad = |what: &str| format!("kernel parameter {key}={value:?}: {what}; ignored");
+        match key {
+            "keel.ip" => match value.parse::<Ipv4Cidr>() {
+                Ok(c) => p.ip = Some(c),
+                Err(e) => warn.push(bad(&e)),
+            },
+            "keel.gw" => match value.parse() {
+                Ok(g) => p.gateway = Some(g),
+                Err(_) => warn.push(bad("not an IPv4 address")),
+            },
+            "keel.iface" => {
+                if value.is_empty() || value.len() > 15 || value.contains('/') {
+                    warn.push(bad("not an interface name"));
+                } else {
+                    p.iface = Some(value.to_string());
+                }
+            }
+            "keel.watchdog" => match value.parse::<u32>() {
+                Ok(s) if s <= 3600 => p.watchdog_secs = Some(s),
+                _ => warn.push(bad("expected seconds from 0 to 3600")),
+            },
+            "keel.disk_wait" => match value.parse::<u64>() {
+                Ok(s) if s <= 3600 => p.disk_wait_secs = Some(s),
+                _ => warn.push(bad("expected seconds from 0 to 3600")),
+            },
+            "keel.modules" => {
+                if value.starts_with('/') {
+                    p.modules = Some(PathBuf::from(value));
+                } else {
+                    warn.push(bad("expected an absolute path"));
+                }
+            }
+            "keel.disk" => {
+                if value.starts_with('/') {
+                    p.disk = Some(PathBuf::from(value));
+                } else {
+                    warn.push(bad("expected an absolute path"));
+                }
+            }
+            "keel.stage" => match value {
+                "1" => p.stage = Some(1),
+                "2" => p.stage = Some(2),
+                _ => warn.push(bad("expected 1 or 2")),
+            },
+            k if k.starts_with("keel.") => warn.push(bad("unknown keel parameter")),
+            _ => {}
+        }
+    }
+    (p, warn)
+}
+
+/// keel-init's own arguments.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct InitArgs {
+    /// `--stage 1|2`
+    pub stage: Option<u8>,
+    /// `--config PATH` (default /state/config/node.json)
+    pub config: Option<PathBuf>,
+    /// `--state-dir PATH` (default /state)
+    pub state_dir: Option<PathBuf>,
+    /// `--control PATH` (default /run/keel/init.sock)
+    pub control: Option<PathBuf>,
+    /// `--boot-disk PATH`: the disk stage 1 booted from.
+    pub boot_disk: Option<PathBuf>,
+    /// `--slot a|b`: the slot stage 1 mounted.
+    pub slot: Option<Slot>,
+    /// `--watchdog-fd N`: the watchdog stage 1 armed, kept open across exec.
+    pub watchdog_fd: Option<i32>,
+    /// `--cmdline PATH`: read the kernel parameters from here (default /proc/cmdline)
+    pub cmdline: Option<PathBuf>,
+}
+
+/// Parse keel-init's arguments (without argv[0]). Unknown words are returned, not fatal: the
+/// kernel passes init any command-line word it does not know.
+pub fn parse_args(args: &[String]) -> (InitArgs, Vec<String>) {
+    let mut a = InitArgs::default();
+    let mut unknown = Vec::new();
+    let mut it = args.iter();
+    while let Some(w) = it.next() {
+        let (key, inline) = match w.split_once('=') {
+            Some((k, v)) if k.starts_with("--") => (k, Some(v.to_string())),
+            _ => (w.as_str(), None),
+        };
+        let takes_value = matches!(
+            key,
+            "--stage"
+                | "--config"
+                | "--state-dir"
+                | "--control"
+                | "--boot-disk"
+                | "--slot"
+                | "--watchdog-fd"
+                | "--cmdline"
+        );
+        if !takes_value {
+            unknown.push(w.clone());
+            continue;
+        }
+        let Some(v) = inline.or_else(|| it.next().cloned()) else {
+            unknown.push(format!("{key} needs a value"));
+            continue;
+        };
+        let mut bad = || unknown.push(format!("{key} {v:?}: not a valid value"));
+        match key {
+            "--stage" => match v.as_str() {
+                "1" => a.stage = Some(1),
+                "2" => a.stage = Some(2),
+                _ => bad(),
+            },
+            "--config" => a.config = Some(v.into()),
+            "--state-dir" => a.state_dir = Some(v.into()),
+            "--control" => a.control = Some(v.into()),
+            "--boot-disk" => a.boot_disk = Some(v.into()),
+            "--cmdline" => a.cmdline = Some(v.into()),
+            "--slot" => match v.parse() {
+                Ok(s) => a.slot = Some(s),
+                Err(_) => bad(),
+            },
+            "--watchdog-fd" => match v.parse::<i32>() {
+                Ok(fd) if fd >= 0 => a.watchdog_fd = Some(fd),
+                _ => bad(),
+            },
+            _ => unknown.push(w.clone()),
+        }
+    }
+    (a, unknown)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kernel_parameters() {
+        let line = "console=ttyS0 quiet keel.ip=10.0.2.15/24 keel.gw=10.0.2.2 \
+                    keel.iface=\"eth0\" keel.watchdog=30 keel.disk_wait=abc keel.bogus=1 \
+                    keel.modules=/lib/modules/keel-modules.list keel.disk=/dev/vdb \
+                    -- keel.stage=2\n";
+        let (p, warn) = parse_kernel(line);
+        assert_eq!(p.ip, Some("10.0.2.15/24".parse().unwrap()));
+        assert_eq!(p.gateway, Some(Ipv4Addr::new(10, 0, 2, 2)));
+        assert_eq!(p.iface.as_deref(), Some("eth0"));
+        assert_eq!(p.watchdog_secs, Some(30));
+        assert_eq!(p.disk_wait_secs, None);
+        assert_eq!(
+            p.modules.as_deref(),
+            Some(std::path::Path::new("/lib/modules/keel-modules.list"))
+        );
+        assert_eq!(p.disk.as_deref(), Some(std::path::Path::new("/dev/vdb")));
+        // after `--` the words are init's, not the kernel's
+        assert_eq!(p.stage, None);
+        assert_eq!(warn.len(), 2, "{warn:?}");
+        assert!(
+            warn[0].starts_with("kernel parameter keel.disk_wait=\"abc\""),
+            "{warn:?}"
+        );
+        assert!(warn[1].contains("unknown keel parameter"), "{warn:?}");
+    }
+
+    #[test]
+    fn quotes_group_words() {
+        assert_eq!(split(r#"a="b c" d  "" e"#), ["a=b c", "d", "", "e"]);
+        let (p, w) = parse_kernel("keel.ip=10.0.2.15");
+        assert_eq!(p.ip, None);
+        assert!(w[0].contains("no prefix length"), "{w:?}");
+    }
+
+    #[test]
+    fn init_arguments() {
+        let v: Vec<String> = [
+            "--stage",
+            "2",
+            "--slot=b",
+            "--boot-disk",
+            "/dev/vda",
+            "--watchdog-fd",
+            "3",
+            "single",
+            "--slot",
+            "c",
+            "--config",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let (a, unknown) = parse_args(&v);
+        assert_eq!(a.stage, Some(2));
+        assert_eq!(a.slot, Some(Slot::B));
+        assert_eq!(a.boot_disk, Some(PathBuf::from("/dev/vda")));
+        assert_eq!(a.watchdog_fd, Some(3));
+        assert_eq!(
+            unknown,
+            [
+                "single",
+                "--slot \"c\": not a valid value",
+                "--config needs a value"
+            ]
+        );
+    }
+}
