@@ -122,7 +122,12 @@ fn images() -> &'static Images {
             let at = (k * 15_551) % (IMAGE_LEN - 300);
             v2[at..at + 200].copy_from_slice(&noise(40 + k as u8, 200));
         }
-        let v0 = noise(9, IMAGE_LEN);
+        // Another base: v1 edited elsewhere, so a patch from it borrows bytes v1 does not have.
+        let mut v0 = v1.clone();
+        for k in 0..24 {
+            let at = (k * 7_919 + 3_000) % (IMAGE_LEN - 600);
+            v0[at..at + 500].copy_from_slice(&noise(90 + k as u8, 500));
+        }
         let mut v2_zst = Vec::new();
         zframes::compress(&v2[..], &mut v2_zst, 3, 16 * 1024).expect("compressing v2");
         let delta = bsdiff(&v1, &v2);
@@ -418,4 +423,49 @@ fn flaky_links_resume() {
         "flaky_links_resume: {} seeds resumed with Range",
         resumed.get()
     );
+}
+
+#[test]
+fn server_faults_fall_back() {
+    each_seed("server_faults_fall_back", DEFAULT_SEEDS, |seed| {
+        let fault = [
+            Fault::CorruptDelta,
+            Fault::OtherBase,
+            Fault::TruncatedDelta,
+            Fault::Every2nd500,
+        ][(seed % 4) as usize];
+        let zst = (seed / 4) % 2 == 1;
+        let (res, _, _) = one_install(seed, fault, zst, true, 0.0, |_| {})?;
+        if !res.ok {
+            return Err(format!("{fault:?}: the install failed: {}", res.error));
+        }
+        // A 500 every other request is retried by fetch, so the delta itself may succeed;
+        // the other faults must end in the full image.
+        if fault != Fault::Every2nd500 && !res.fallback_used {
+            return Err(format!(
+                "{fault:?}: the install did not report fallback_used"
+            ));
+        }
+        Ok(())
+    });
+}
+
+#[test]
+fn wrong_image_activates_nothing() {
+    each_seed("wrong_image_activates_nothing", DEFAULT_SEEDS, |seed| {
+        let zst = seed % 2 == 1;
+        let (res, node, _) = one_install(seed, Fault::WrongImage, zst, false, 0.0, |_| {})?;
+        if res.ok {
+            return Err("an image with the wrong digest was staged".into());
+        }
+        // check_outcome (in one_install) saw the disk preferring A with v1 and no other
+        // bootable slot; the target's flags are not bootable either.
+        let disk = node.dev.disk.borrow();
+        let durable = CrashDevice::from_bytes(disk.durable(), 512);
+        let (_, flags) = store::load(&durable).map_err(|e| e.to_string())?;
+        if flags.get(Slot::B).bootable() {
+            return Err("slot B is bootable after a failed install".into());
+        }
+        Ok(())
+    });
 }
