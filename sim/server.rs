@@ -21,6 +21,9 @@ pub struct Seen {
     pub path: String,
     /// The first byte asked for (0 without a Range header).
     pub from: u64,
+    pub peer: String,
+    /// fetch's size probe (`Range: bytes=0-0`) answered with 206.
+    pub size_answered: bool,
 }
 
 #[derive(Debug, Default)]
@@ -45,7 +48,7 @@ impl Server {
         self.log.lock().map(|g| g.clone()).unwrap_or_default()
     }
 
-    fn answer(&self, req: &Request<hyper::body::Incoming>) -> Response<Body> {
+    fn answer(&self, req: &Request<hyper::body::Incoming>, peer: &str) -> Response<Body> {
         let n = self.count.fetch_add(1, Ordering::SeqCst);
         let path = req.uri().path().to_string();
         let range = req
@@ -53,18 +56,22 @@ impl Server {
             .get(hyper::header::RANGE)
             .and_then(|v| v.to_str().ok())
             .and_then(parse_range);
-        if let Ok(mut g) = self.log.lock() {
-            g.push(Seen {
-                path: path.clone(),
-                from: range.map_or(0, |r| r.0),
-            });
-        }
         let status = |s: StatusCode| {
             let mut r = Response::new(Full::new(Bytes::new()).boxed());
             *r.status_mut() = s;
             r
         };
-        if self.fail_every_other && n % 2 == 1 {
+        let failed = self.fail_every_other && n % 2 == 1;
+        let probe = range == Some((0, Some(0)));
+        if let Ok(mut g) = self.log.lock() {
+            g.push(Seen {
+                path: path.clone(),
+                from: range.map_or(0, |r| r.0),
+                peer: peer.to_string(),
+                size_answered: probe && !failed && self.files.contains_key(&path),
+            });
+        }
+        if failed {
             return status(StatusCode::INTERNAL_SERVER_ERROR);
         }
         let Some(file) = self.files.get(&path) else {
@@ -138,11 +145,12 @@ fn parse_range(v: &str) -> Option<(u64, Option<u64>)> {
 pub async fn serve(server: Arc<Server>) -> turmoil::Result {
     let listener = turmoil::net::TcpListener::bind("0.0.0.0:80").await?;
     loop {
-        let (stream, _) = listener.accept().await?;
+        let (stream, peer) = listener.accept().await?;
+        let peer = peer.ip().to_string();
         let server = server.clone();
         tokio::task::spawn_local(async move {
             let svc = service_fn(move |req| {
-                let r = server.answer(&req);
+                let r = server.answer(&req, &peer);
                 async move { Ok::<_, Infallible>(r) }
             });
             // A connection the network breaks ends here; the client resumes with Range.
