@@ -28,9 +28,6 @@ use std::rc::Rc;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-/// Crashes after which a re-issued install was seen resuming from its checkpoint.
-static RESUMED_FROM_CHECKPOINT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-
 /// Seeds per scenario in the test command: a bug one seed in a hundred hits is missed by 300
 /// seeds with probability 0.99^300 < 5%.
 const DEFAULT_SEEDS: u64 = 300;
@@ -555,8 +552,9 @@ struct NodeCfg {
 
 /// Nodes as turmoil hosts that crash (the disk's crash model applies) and come back: each
 /// incarnation runs the boot choice (checked to pick a verified slot) and (re-)issues the
-/// install, as the operator would after losing the node. Checks every node's end state.
-fn fleet(seed: u64, fault: Fault, cfgs: &[NodeCfg]) -> Result<(), String> {
+/// install, as the operator would after losing the node. Checks every node's end state;
+/// returns how many re-issued installs resumed from a checkpoint.
+fn fleet(seed: u64, fault: Fault, cfgs: &[NodeCfg]) -> Result<u64, String> {
     let mut sim = sim(seed, 0.0);
     let server = Arc::new(Server::new(files(fault), fault == Fault::Every2nd500));
     let s2 = server.clone();
@@ -672,6 +670,7 @@ fn fleet(seed: u64, fault: Fault, cfgs: &[NodeCfg]) -> Result<(), String> {
     // A re-issued install resumed from its checkpoint: the server saw a Range request at the
     // checkpoint's input offset.
     let seen = server.seen();
+    let resumed = resumes.len() as u64;
     for (i, path, from, before) in resumes {
         if !seen[before..]
             .iter()
@@ -681,13 +680,13 @@ fn fleet(seed: u64, fault: Fault, cfgs: &[NodeCfg]) -> Result<(), String> {
                 "node{i} had a checkpoint at input byte {from} of {path} but never asked for it"
             ));
         }
-        RESUMED_FROM_CHECKPOINT.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
     }
-    Ok(())
+    Ok(resumed)
 }
 
 #[test]
 fn crash_and_resume() {
+    let resumed = std::cell::Cell::new(0u64);
     each_seed("crash_and_resume", DEFAULT_SEEDS, |seed| {
         let mut rng = Rng(seed);
         let crashes = (0..1 + rng.below(2))
@@ -699,9 +698,10 @@ fn crash_and_resume() {
             crashes,
             fail_rate: 0.0,
         };
-        fleet(seed, Fault::None, &[cfg])
+        resumed.set(resumed.get() + fleet(seed, Fault::None, &[cfg])?);
+        Ok(())
     });
-    let n = RESUMED_FROM_CHECKPOINT.load(std::sync::atomic::Ordering::SeqCst);
+    let n = resumed.get();
     eprintln!("crash_and_resume: {n} re-issued installs resumed from a checkpoint");
     assert!(
         n > 0 || seeds(DEFAULT_SEEDS).len() < 10,
@@ -729,6 +729,88 @@ fn fleet_with_random_faults() {
         if std::env::var("KEEL_SIM_DEBUG").is_ok() {
             eprintln!("{seed}: {fault:?} {cfgs:?}");
         }
-        fleet(seed, fault, &cfgs)
+        fleet(seed, fault, &cfgs).map(|_| ())
     });
+}
+
+/// Operators, modelled on the agent's update board (the gRPC layer is not on turmoil): the
+/// first operator's stream is dropped mid-install, a second operator asks for an install while
+/// it runs and is told which one runs; the install finishes; a new operator sees it.
+#[test]
+fn operators_disconnect_and_race() {
+    let raced = std::cell::Cell::new(0u64);
+    each_seed("operators_disconnect_and_race", DEFAULT_SEEDS, |seed| {
+        let mut rng = Rng(seed);
+        let zst = seed % 2 == 1;
+        let mut sim = sim(seed, flaky_rate(seed));
+        let server = Arc::new(Server::new(files(Fault::None), false));
+        let s2 = server.clone();
+        sim.host("server", move || server::serve(s2.clone()));
+        let node = new_node("node");
+        let n2 = node.clone();
+        let drop_after = Duration::from_millis(1 + rng.below(150));
+        let second_after = Duration::from_millis(1 + rng.below(150));
+        type Out = Rc<std::cell::RefCell<Option<Result<(String, InstallView), String>>>>;
+        let out: Out = Rc::default();
+        let o2 = out.clone();
+        sim.client("node", async move {
+            let mut n = n2;
+            let running = n.boot()?;
+            let n1 = n.clone();
+            let install = tokio::task::spawn_local(async move {
+                n1.install(running, &spec(zst, false), "op-1").await
+            });
+            // Operator 1 watches, then disconnects mid-stream.
+            let watcher = tokio::task::spawn_local(watch_progress(n.board.clone()));
+            let b2 = n.board.clone();
+            let racer = tokio::task::spawn_local(async move {
+                tokio::time::sleep(second_after).await;
+                // Operator 2 while op-1 may still run.
+                // (Once op-1 ended, a new install would be accepted: not asked then, so the
+                // board keeps op-1's result for the check below.)
+                let running_now = b2.is_running();
+                let r = if running_now { n2_try(&b2) } else { Ok(()) };
+                (running_now, r)
+            });
+            tokio::time::sleep(drop_after).await;
+            watcher.abort();
+            install.await.map_err(|e| e.to_string())??;
+            let (was_running, r) = racer.await.map_err(|e| e.to_string())?;
+            let told = match (was_running, r) {
+                (true, Err(running)) => running,
+                (true, Ok(())) => return Err("a second install started while one ran".into()),
+                (false, _) => String::new(),
+            };
+            // A new operator: the finished install is there to see.
+            let snap = n.board.current().ok_or("the board forgot the install")?;
+            *o2.borrow_mut() = Some(Ok((told, snap.state)));
+            Ok(())
+        });
+        sim.run().map_err(|e| e.to_string())?;
+        let (told, view) = out.borrow_mut().take().ok_or("the node never finished")??;
+        if !told.is_empty() && told != "op-1" {
+            return Err(format!("the second operator was told {told:?}, not op-1"));
+        }
+        if !told.is_empty() {
+            raced.set(raced.get() + 1);
+        }
+        check_outcome(&node, &view, None)?;
+        Ok(())
+    });
+    eprintln!(
+        "operators_disconnect_and_race: the second operator was refused in {} seeds",
+        raced.get()
+    );
+    assert!(
+        raced.get() > 0 || seeds(DEFAULT_SEEDS).len() < 10,
+        "the second operator never came while an install ran"
+    );
+}
+
+/// The second operator's request on the board: refused with the running install's id.
+fn n2_try(board: &Board<InstallView>) -> Result<(), String> {
+    board
+        .try_begin("op-2".into(), InstallView::default())
+        .map(drop)
+        .map_err(|b| b.running)
 }
