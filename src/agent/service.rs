@@ -273,8 +273,13 @@ impl Agent {
                 .map(|(&s, r)| slot_info(flags, s, booted, r.as_ref()))
                 .collect(),
             rolled_back,
-            // The failed slot's version comes from the engine's image records (not yet wired).
-            rolled_back_from: String::new(),
+            rolled_back_from: match (rolled_back, booted) {
+                (true, Some(b)) => records[usize::from(b.other() == Slot::B)]
+                    .as_ref()
+                    .map(|r| r.version.clone())
+                    .unwrap_or_default(),
+                _ => String::new(),
+            },
             uptime_seconds: uptime_seconds(self.started),
             update: self.update_state(),
             next_boot_slot: flags

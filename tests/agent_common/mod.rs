@@ -49,11 +49,17 @@ pub fn make_disk(path: &Path, root_size: u64) {
 
 /// gen pki, a disk file, and an agent on 127.0.0.1:(free port).
 pub async fn start_node() -> Node {
+    start_node_with(|_| {}).await
+}
+
+/// Like [`start_node`], with `prepare` run on the new disk file before the agent starts.
+pub async fn start_node_with(prepare: impl FnOnce(&Path)) -> Node {
     let dir = tempfile::tempdir().unwrap();
     let pki_dir = dir.path().join("pki");
     pki::generate(&pki_dir, &["localhost".into(), "127.0.0.1".into()], None).unwrap();
     let disk = dir.path().join("disk.img");
     make_disk(&disk, 4 * MIB);
+    prepare(&disk);
     let state = dir.path().join("state");
     std::fs::create_dir_all(&state).unwrap();
     let agent = Agent::new(
@@ -256,11 +262,11 @@ async fn handle(
         );
     }
     // Cut this response mid-body?
-    let cut = st
-        .cuts
-        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |c| c.checked_sub(1))
-        .is_ok()
-        && to - from > 1;
+    let cut = to - from > 1
+        && st
+            .cuts
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |c| c.checked_sub(1))
+            .is_ok();
     let slow = st.slow.lock().unwrap().contains(&path);
     let cut_after = (st.cut_after.load(Ordering::SeqCst) as usize)
         .min(body_bytes.len() / 2)
@@ -343,4 +349,44 @@ pub fn image(seed: u8, len: usize) -> Vec<u8> {
 pub fn sha(b: &[u8]) -> String {
     use sha2::Digest;
     keelos::update::record::hex(&sha2::Sha256::digest(b))
+}
+
+/// Install `img` offline into slot A of the disk file and mark it successful: a node running
+/// version 1 from slot A, with its slot record.
+pub fn run_v1(disk: &Path, img: &[u8]) {
+    use keelos::update::checkpoint::MemStore;
+    use keelos::update::driver::{self, MemInputs, Request};
+    let mut dev = FileDevice::open(disk, true).unwrap();
+    let req = Request {
+        sha256: sha(img),
+        version: "1.0".into(),
+        tries: 3,
+        full: keelos::update::FullImage {
+            identity: "v1".into(),
+            fetch_size: Some(img.len() as u64),
+            image_len: None,
+        },
+        delta: None,
+        checkpoint_every: 1 << 20,
+    };
+    let (layout, plan) = driver::plan(&dev, None, req).unwrap();
+    let mut inputs = MemInputs {
+        full: img.to_vec(),
+        patch: None,
+        chunk: 1 << 16,
+    };
+    let r = driver::run(
+        &mut dev,
+        &layout,
+        plan,
+        &mut inputs,
+        &mut MemStore::default(),
+        &mut |_| {},
+    )
+    .unwrap();
+    assert_eq!(r.slot, keelos::bootctl::Slot::A);
+    keelos::bootctl::store::update(&mut dev, |f| {
+        keelos::bootctl::mark_successful(f, keelos::bootctl::Slot::A)
+    })
+    .unwrap();
 }
