@@ -7,7 +7,8 @@
 //! the agent's install layer (`agent::install::run_on` and the update board) on the node host.
 //!
 //! Each scenario runs a fixed number of seeds; `KEEL_SIM_SEED=N` replays one seed,
-//! `KEEL_SIM_SEEDS=N` runs N seeds per scenario (ci/soak). A failure prints its seed.
+//! `KEEL_SIM_SEEDS=N` runs N seeds per scenario from `KEEL_SIM_SEED_BASE` (default 0; ci/soak).
+//! A failure prints its seed and the command that replays it.
 
 mod node;
 mod server;
@@ -43,7 +44,11 @@ fn seeds(default: u64) -> Vec<u64> {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(default);
-    (0..n).collect()
+    let base = std::env::var("KEEL_SIM_SEED_BASE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0u64);
+    (base..base + n).collect()
 }
 
 /// Run `scenario` for every seed; the first failure fails the test with its seed.
