@@ -10,6 +10,8 @@
 //! `KEEL_SIM_SEEDS=N` runs N seeds per scenario from `KEEL_SIM_SEED_BASE` (default 0; ci/soak).
 //! A failure prints its seed and the command that replays it.
 
+#![allow(clippy::panic)] // a test crate: a failing seed fails loudly, with its replay command
+
 mod node;
 mod server;
 
