@@ -10,11 +10,12 @@
 use super::board::Ticket;
 use super::proto;
 use super::service::InstallView;
-use crate::block::FileDevice;
+use crate::block::{BlockDevice, FileDevice};
 use crate::bootctl::Slot;
 use crate::fetch::{Connect, Download, Fetcher};
-use crate::update::checkpoint::FileStore;
-use crate::update::driver::{self, InputSource, Request};
+use crate::update::checkpoint::{CheckpointStore, FileStore};
+use crate::update::driver::{self, Request};
+use crate::update::engine::{Action, Event, Install, IO_CHUNK};
 use crate::update::{FullImage, Input, Phase, Progress, Report, DEFAULT_CHECKPOINT_EVERY};
 use bytes::Bytes;
 use std::path::PathBuf;
@@ -34,7 +35,6 @@ pub struct Job {
 
 /// Answers the engine's Fetch actions from downloads.
 struct NetInputs<C: Connect> {
-    rt: tokio::runtime::Handle,
     fetcher: Fetcher<C>,
     full_url: String,
     delta_url: Option<String>,
@@ -56,8 +56,14 @@ impl<C: Connect> NetInputs<C> {
     }
 }
 
-impl<C: Connect> InputSource for NetInputs<C> {
-    fn read_at(&mut self, input: Input, offset: u64, buf: &mut [u8]) -> Result<usize, String> {
+impl<C: Connect> NetInputs<C> {
+    /// Up to `buf.len()` bytes of `input` at `offset`; `Ok(0)` at its end.
+    async fn read_at(
+        &mut self,
+        input: Input,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> Result<usize, String> {
         let positioned =
             matches!(&self.current, Some((i, _)) if *i == input) && self.leftover_at == offset;
         if !positioned {
@@ -73,7 +79,7 @@ impl<C: Connect> InputSource for NetInputs<C> {
             let Some((_, d)) = self.current.as_mut() else {
                 return Err("no download open".into());
             };
-            match self.rt.block_on(d.next()) {
+            match d.next().await {
                 Ok(Some(b)) => self.leftover = b,
                 Ok(None) => return Ok(0),
                 Err(e) => return Err(e.to_string()),
@@ -117,6 +123,113 @@ pub fn checkpoint_path(state_dir: &std::path::Path) -> PathBuf {
     state_dir.join("update").join("checkpoint")
 }
 
+/// The engine driven to its end on `dev` (any block device) with its checkpoint in `store`,
+/// its inputs downloaded by `fetcher`, on the current task: disk I/O runs inline, downloads are
+/// awaited. keel-agent runs it on a blocking thread over the boot disk (see [`run`]); the
+/// simulation (sim/) runs it on turmoil's network over crash-model disks.
+pub async fn install_on<C: Connect, D: BlockDevice + ?Sized>(
+    job: &Job,
+    fetcher: Fetcher<C>,
+    fetch_size: Option<u64>,
+    dev: &mut D,
+    store: &mut dyn CheckpointStore,
+    checkpoint_every: u64,
+    on_progress: &mut dyn FnMut(&Progress),
+) -> Result<Report, String> {
+    let req = Request {
+        sha256: job.sha256.clone(),
+        version: job.version.clone(),
+        tries: crate::bootctl::DEFAULT_TRIES,
+        full: FullImage {
+            identity: job.full_url.clone(),
+            fetch_size,
+            image_len: None,
+        },
+        delta: job.delta_url.clone(),
+        checkpoint_every,
+    };
+    let (layout, plan) = driver::plan(&*dev, job.running, req).map_err(|e| e.to_string())?;
+    let mut inputs = NetInputs {
+        fetcher,
+        full_url: job.full_url.clone(),
+        delta_url: job.delta_url.clone(),
+        current: None,
+        leftover: Bytes::new(),
+        leftover_at: 0,
+    };
+    let saved = store.get().map_err(|e| e.to_string())?;
+    let target = layout.root(plan.target).clone();
+    let source = plan.running.map(|r| layout.root(r).clone());
+    let mut inst = Install::new(plan, saved.as_deref()).map_err(|e| e.to_string())?;
+    let mut buf = vec![0u8; IO_CHUNK];
+    loop {
+        let ev = match inst.poll() {
+            Action::Progress(p) => {
+                on_progress(&p);
+                continue;
+            }
+            Action::Done(r) => return Ok(r),
+            Action::Failed(e) => return Err(e.to_string()),
+            Action::Fetch { input, offset } => {
+                match inputs.read_at(input, offset, &mut buf).await {
+                    Ok(0) => Event::EndOfInput,
+                    Ok(n) => Event::Data(buf[..n].to_vec()),
+                    Err(e) => Event::InputFailed(e),
+                }
+            }
+            other => driver::perform(&mut *dev, &target, source.as_ref(), store, other),
+        };
+        inst.handle(ev);
+    }
+}
+
+/// Publishes the engine's progress on `ticket`.
+fn progress_to(ticket: &Ticket<InstallView>, start: Instant) -> impl FnMut(&Progress) + '_ {
+    move |p: &Progress| {
+        let secs = start.elapsed().as_secs_f64();
+        let rate = if secs > 0.0 {
+            (p.done as f64 / secs) as u64
+        } else {
+            0
+        };
+        let pr = proto::Progress {
+            phase: phase(p) as i32,
+            bytes_done: p.done,
+            bytes_total: p.total.unwrap_or(0),
+            rate_bytes_per_second: rate,
+            detail: String::new(),
+        };
+        ticket.update(|v| v.progress = pr);
+    }
+}
+
+/// [`run`] over any disk and checkpoint store, on the current task (the simulation's entry;
+/// small images there need a smaller `checkpoint_every` to exercise resumes).
+pub async fn run_on<C: Connect, D: BlockDevice + ?Sized>(
+    job: Job,
+    fetcher: Fetcher<C>,
+    ticket: Ticket<InstallView>,
+    dev: &mut D,
+    store: &mut dyn CheckpointStore,
+    checkpoint_every: u64,
+) {
+    let fetch_size = fetcher.size(&job.full_url).await.ok().flatten();
+    let outcome = {
+        let mut on_progress = progress_to(&ticket, Instant::now());
+        install_on(
+            &job,
+            fetcher,
+            fetch_size,
+            dev,
+            store,
+            checkpoint_every,
+            &mut on_progress,
+        )
+        .await
+    };
+    finish(ticket, outcome);
+}
+
 /// Run `job` to its end, publishing on `ticket`. Returns when the install is staged or failed;
 /// the ticket is finished either way.
 pub async fn run<C: Connect>(job: Job, fetcher: Fetcher<C>, ticket: Ticket<InstallView>) {
@@ -125,6 +238,8 @@ pub async fn run<C: Connect>(job: Job, fetcher: Fetcher<C>, ticket: Ticket<Insta
     let rt = tokio::runtime::Handle::current();
     let ticket = std::sync::Arc::new(ticket);
     let t2 = ticket.clone();
+    // The disk is a file or a block device: its I/O blocks, so the whole install runs on a
+    // blocking thread, which polls the downloads through the runtime's handle.
     let outcome = tokio::task::spawn_blocking(move || -> Result<Report, String> {
         let cp_dir = job.state_dir.join("update");
         std::fs::create_dir_all(&cp_dir)
@@ -132,54 +247,16 @@ pub async fn run<C: Connect>(job: Job, fetcher: Fetcher<C>, ticket: Ticket<Insta
         let mut store = FileStore::new(checkpoint_path(&job.state_dir));
         let mut dev = FileDevice::open(&job.disk, true)
             .map_err(|e| format!("opening the boot disk {}: {e}", job.disk.display()))?;
-        let req = Request {
-            sha256: job.sha256.clone(),
-            version: job.version.clone(),
-            tries: crate::bootctl::DEFAULT_TRIES,
-            full: FullImage {
-                identity: job.full_url.clone(),
-                fetch_size,
-                image_len: None,
-            },
-            delta: job.delta_url.clone(),
-            checkpoint_every: DEFAULT_CHECKPOINT_EVERY,
-        };
-        let (layout, plan) = driver::plan(&dev, job.running, req).map_err(|e| e.to_string())?;
-        let mut inputs = NetInputs {
-            rt,
+        let mut on_progress = progress_to(&t2, Instant::now());
+        rt.block_on(install_on(
+            &job,
             fetcher,
-            full_url: job.full_url.clone(),
-            delta_url: job.delta_url.clone(),
-            current: None,
-            leftover: Bytes::new(),
-            leftover_at: 0,
-        };
-        let start = Instant::now();
-        let mut on_progress = |p: &Progress| {
-            let secs = start.elapsed().as_secs_f64();
-            let rate = if secs > 0.0 {
-                (p.done as f64 / secs) as u64
-            } else {
-                0
-            };
-            let pr = proto::Progress {
-                phase: phase(p) as i32,
-                bytes_done: p.done,
-                bytes_total: p.total.unwrap_or(0),
-                rate_bytes_per_second: rate,
-                detail: String::new(),
-            };
-            t2.update(|v| v.progress = pr);
-        };
-        driver::run(
+            fetch_size,
             &mut dev,
-            &layout,
-            plan,
-            &mut inputs,
             &mut store,
+            DEFAULT_CHECKPOINT_EVERY,
             &mut on_progress,
-        )
-        .map_err(|e| e.to_string())
+        ))
     })
     .await
     .unwrap_or_else(|e| Err(format!("the install task stopped: {e}")));
@@ -189,6 +266,11 @@ pub async fn run<C: Connect>(job: Job, fetcher: Fetcher<C>, ticket: Ticket<Insta
         // the last reference still releases the board.
         Err(_) => return,
     };
+    finish(ticket, outcome);
+}
+
+/// Publish the end of an install on its ticket.
+fn finish(ticket: Ticket<InstallView>, outcome: Result<Report, String>) {
     match outcome {
         Ok(r) => ticket.finish(|v| {
             v.progress.phase = proto::Phase::Done as i32;

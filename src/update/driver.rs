@@ -7,7 +7,7 @@ use super::engine::{Action, Delta, Event, FullImage, Input, Install, InstallErro
 use super::{record, Progress, Report};
 use crate::block::{read_vec, BlockDevice, Window};
 use crate::bootctl::{store, Slot, SlotFlags};
-use crate::disk::{self, Layout};
+use crate::disk::{self, Layout, Partition};
 
 /// Where the bytes of an install come from.
 pub trait InputSource {
@@ -149,56 +149,73 @@ pub fn run<D: BlockDevice + ?Sized>(
             }
             Action::Done(r) => return Ok(r),
             Action::Failed(e) => return Err(e),
-            Action::SetFlags(change) => match store::update(&mut *dev, |f| change.apply(f)) {
-                Ok(_) => Event::FlagsSet,
-                Err(e) => Event::IoFailed(e.to_string()),
-            },
-            Action::Write { offset, data } => {
-                match disk::partition_window(&mut *dev, &target)
-                    .map_err(|e| e.to_string())
-                    .and_then(|mut w| w.write_at(offset, &data).map_err(|e| e.to_string()))
-                {
-                    Ok(()) => Event::WriteDone,
-                    Err(e) => Event::IoFailed(e),
-                }
-            }
-            Action::Flush => match dev.flush() {
-                Ok(()) => Event::FlushDone,
-                Err(e) => Event::IoFailed(e.to_string()),
-            },
-            Action::ReadTarget { offset, len } => {
-                match Window::new(&*dev, target.offset, target.len)
-                    .map_err(|e| e.to_string())
-                    .and_then(|w| read_vec(&w, offset, len).map_err(|e| e.to_string()))
-                {
-                    Ok(b) => Event::TargetBytes(b),
-                    Err(e) => Event::IoFailed(e),
-                }
-            }
-            Action::ReadSource { offset, len } => match &source {
-                Some(s) => match Window::new(&*dev, s.offset, s.len)
-                    .map_err(|e| e.to_string())
-                    .and_then(|w| read_vec(&w, offset, len).map_err(|e| e.to_string()))
-                {
-                    Ok(b) => Event::SourceBytes(b),
-                    Err(e) => Event::IoFailed(e),
-                },
-                None => Event::IoFailed("no running slot to read a delta's source from".into()),
-            },
             Action::Fetch { input, offset } => match inputs.read_at(input, offset, &mut buf) {
                 Ok(0) => Event::EndOfInput,
                 Ok(n) => Event::Data(buf[..n].to_vec()),
                 Err(e) => Event::InputFailed(e),
             },
-            Action::SaveCheckpoint(cp) => match store_cp.put(&cp.to_bytes()) {
-                Ok(()) => Event::CheckpointSaved,
-                Err(e) => Event::IoFailed(e),
-            },
-            Action::ClearCheckpoint => match store_cp.clear() {
-                Ok(()) => Event::CheckpointSaved,
-                Err(e) => Event::IoFailed(e),
-            },
+            other => perform(&mut *dev, &target, source.as_ref(), store_cp, other),
         };
         inst.handle(ev);
+    }
+}
+
+/// Answer one disk or checkpoint action of an install (everything but Progress, Fetch, Done
+/// and Failed). Shared by [`run`] and the agent's async driver, so both do the same I/O.
+pub fn perform<D: BlockDevice + ?Sized>(
+    dev: &mut D,
+    target: &Partition,
+    source: Option<&Partition>,
+    store_cp: &mut dyn CheckpointStore,
+    action: Action,
+) -> Event {
+    match action {
+        Action::SetFlags(change) => match store::update(&mut *dev, |f| change.apply(f)) {
+            Ok(_) => Event::FlagsSet,
+            Err(e) => Event::IoFailed(e.to_string()),
+        },
+        Action::Write { offset, data } => {
+            match disk::partition_window(&mut *dev, target)
+                .map_err(|e| e.to_string())
+                .and_then(|mut w| w.write_at(offset, &data).map_err(|e| e.to_string()))
+            {
+                Ok(()) => Event::WriteDone,
+                Err(e) => Event::IoFailed(e),
+            }
+        }
+        Action::Flush => match dev.flush() {
+            Ok(()) => Event::FlushDone,
+            Err(e) => Event::IoFailed(e.to_string()),
+        },
+        Action::ReadTarget { offset, len } => {
+            match Window::new(&*dev, target.offset, target.len)
+                .map_err(|e| e.to_string())
+                .and_then(|w| read_vec(&w, offset, len).map_err(|e| e.to_string()))
+            {
+                Ok(b) => Event::TargetBytes(b),
+                Err(e) => Event::IoFailed(e),
+            }
+        }
+        Action::ReadSource { offset, len } => match source {
+            Some(s) => match Window::new(&*dev, s.offset, s.len)
+                .map_err(|e| e.to_string())
+                .and_then(|w| read_vec(&w, offset, len).map_err(|e| e.to_string()))
+            {
+                Ok(b) => Event::SourceBytes(b),
+                Err(e) => Event::IoFailed(e),
+            },
+            None => Event::IoFailed("no running slot to read a delta's source from".into()),
+        },
+        Action::SaveCheckpoint(cp) => match store_cp.put(&cp.to_bytes()) {
+            Ok(()) => Event::CheckpointSaved,
+            Err(e) => Event::IoFailed(e),
+        },
+        Action::ClearCheckpoint => match store_cp.clear() {
+            Ok(()) => Event::CheckpointSaved,
+            Err(e) => Event::IoFailed(e),
+        },
+        Action::Progress(_) | Action::Done(_) | Action::Failed(_) | Action::Fetch { .. } => {
+            Event::IoFailed("internal: the driver handles this action itself".into())
+        }
     }
 }
