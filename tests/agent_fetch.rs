@@ -174,3 +174,72 @@ async fn a_server_that_cuts_every_response_after_one_byte_still_completes() {
     assert_eq!(got, image(2, 8));
     assert_eq!(reconnects, 7);
 }
+
+/// An update server on https (rustls, with a certificate from a KeelOS CA): the download
+/// verifies against the CA bundle it is given, and is refused with another one.
+#[tokio::test]
+async fn https_downloads_verify_the_server_against_the_ca_bundle() {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let dir = tempfile::tempdir().unwrap();
+    let pki_dir = dir.path().join("pki");
+    keelos::pki::generate(&pki_dir, &["127.0.0.1".into(), "localhost".into()], None).unwrap();
+    let certs: Vec<CertificateDer<'static>> =
+        CertificateDer::pem_file_iter(pki_dir.join(keelos::pki::AGENT_CERT))
+            .unwrap()
+            .map(|c| c.unwrap())
+            .collect();
+    let key = PrivateKeyDer::from_pem_file(pki_dir.join(keelos::pki::AGENT_KEY)).unwrap();
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let server_cfg = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(server_cfg));
+    let data = image(9, 300_000);
+    let body = bytes::Bytes::from(data.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let (acceptor, body) = (acceptor.clone(), body.clone());
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let svc = hyper::service::service_fn(move |_req| {
+                    let body = body.clone();
+                    async move {
+                        Ok::<_, std::convert::Infallible>(hyper::Response::new(
+                            http_body_util::Full::new(body),
+                        ))
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(tls), svc)
+                    .await;
+            });
+        }
+    });
+    let url = format!("https://127.0.0.1:{}/img", addr.port());
+    let policy = Policy {
+        connect_timeout: Duration::from_secs(5),
+        stall_timeout: Duration::from_secs(5),
+        max_attempts: 2,
+        backoff: Duration::from_millis(10),
+        max_backoff: Duration::from_millis(50),
+    };
+    let ca = keelos::fetch::tls_with_ca_bundle(&pki_dir.join(keelos::pki::CA_CERT)).unwrap();
+    let f = Fetcher::new(TcpConnect, ca, policy.clone());
+    let (got, _) = fetch_all(&f, &url, 0).await.unwrap();
+    assert_eq!(sha(&got), sha(&data));
+    // with another CA's bundle the server is not trusted
+    let other = dir.path().join("other");
+    keelos::pki::generate(&other, &["127.0.0.1".into()], None).unwrap();
+    let wrong = keelos::fetch::tls_with_ca_bundle(&other.join(keelos::pki::CA_CERT)).unwrap();
+    let f = Fetcher::new(TcpConnect, wrong, policy);
+    let err = fetch_all(&f, &url, 0).await.unwrap_err();
+    assert!(err.to_string().contains("TLS"), "{err}");
+}
