@@ -5,11 +5,14 @@
 //! boots (`bootctl`, `disk`'s table logic) does no I/O of its own beyond the [`block::BlockDevice`]
 //! it is handed, reads no clock and uses no async runtime.
 
+pub mod agent;
 pub mod block;
 pub mod bootctl;
 pub mod config;
 pub mod control;
 pub mod disk;
+pub mod fetch;
 pub mod image;
 pub mod init;
+pub mod pki;
 pub mod update;

@@ -1,0 +1,208 @@
+//! The agent's install driver: runs the update engine (src/update) for an InstallUpdate call,
+//! with its inputs downloaded by [`crate::fetch`] and its progress published on the board.
+//!
+//! The engine's disk actions are performed by the engine's own driver (`update::driver::run`)
+//! on a blocking thread; its Fetch actions are answered from HTTP downloads running on the async
+//! runtime, resumed with Range requests at the offset the engine asks for (after a cut, or from
+//! the engine's checkpoint after a restart). This module never decides what is written where:
+//! the engine does.
+
+use super::board::Ticket;
+use super::proto;
+use super::service::InstallView;
+use crate::block::FileDevice;
+use crate::bootctl::Slot;
+use crate::fetch::{Connect, Download, Fetcher};
+use crate::update::checkpoint::FileStore;
+use crate::update::driver::{self, InputSource, Request};
+use crate::update::{FullImage, Input, Phase, Progress, Report, DEFAULT_CHECKPOINT_EVERY};
+use bytes::Bytes;
+use std::path::PathBuf;
+use std::time::Instant;
+
+/// One install as the agent received it (already validated).
+#[derive(Debug, Clone)]
+pub struct Job {
+    pub disk: PathBuf,
+    pub state_dir: PathBuf,
+    pub running: Option<Slot>,
+    pub full_url: String,
+    pub delta_url: Option<String>,
+    pub sha256: String,
+    pub version: String,
+}
+
+/// Answers the engine's Fetch actions from downloads.
+struct NetInputs<C: Connect> {
+    rt: tokio::runtime::Handle,
+    fetcher: Fetcher<C>,
+    full_url: String,
+    delta_url: Option<String>,
+    current: Option<(Input, Download<C>)>,
+    /// Bytes received but not yet handed to the engine, and their offset.
+    leftover: Bytes,
+    leftover_at: u64,
+}
+
+impl<C: Connect> NetInputs<C> {
+    fn url(&self, input: Input) -> Result<String, String> {
+        match input {
+            Input::Full => Ok(self.full_url.clone()),
+            Input::Patch => self
+                .delta_url
+                .clone()
+                .ok_or_else(|| "no delta URL was given".to_string()),
+        }
+    }
+}
+
+impl<C: Connect> InputSource for NetInputs<C> {
+    fn read_at(&mut self, input: Input, offset: u64, buf: &mut [u8]) -> Result<usize, String> {
+        let positioned =
+            matches!(&self.current, Some((i, _)) if *i == input) && self.leftover_at == offset;
+        if !positioned {
+            // A new input, or the engine wants another offset (resume from its checkpoint):
+            // open a download there (a Range request when offset > 0).
+            let url = self.url(input)?;
+            let d = self.fetcher.get(&url, offset).map_err(|e| e.to_string())?;
+            self.current = Some((input, d));
+            self.leftover = Bytes::new();
+            self.leftover_at = offset;
+        }
+        if self.leftover.is_empty() {
+            let Some((_, d)) = self.current.as_mut() else {
+                return Err("no download open".into());
+            };
+            match self.rt.block_on(d.next()) {
+                Ok(Some(b)) => self.leftover = b,
+                Ok(None) => return Ok(0),
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+        let n = buf.len().min(self.leftover.len());
+        buf[..n].copy_from_slice(&self.leftover[..n]);
+        let _ = self.leftover.split_to(n);
+        self.leftover_at += n as u64;
+        Ok(n)
+    }
+}
+
+fn phase(p: &Progress) -> proto::Phase {
+    match p.phase {
+        Phase::VerifyingSource => proto::Phase::Validating,
+        Phase::FetchingPatch => proto::Phase::Downloading,
+        Phase::Writing if p.delta => proto::Phase::Patching,
+        Phase::Writing => proto::Phase::Downloading,
+        Phase::Verifying => proto::Phase::Verifying,
+        Phase::Activating => proto::Phase::Activating,
+        Phase::Staged => proto::Phase::Done,
+    }
+}
+
+fn result_of(r: &Report) -> proto::InstallResult {
+    proto::InstallResult {
+        ok: true,
+        error: String::new(),
+        bytes_saved: r.bytes_saved,
+        fallback_used: r.fallback_used,
+        fallback_reason: r.fallback_reason.clone().unwrap_or_default(),
+        staged_slot: r.slot.letter().into(),
+        sha256: r.sha256.clone(),
+        version: r.version.clone(),
+    }
+}
+
+/// Where the engine keeps its checkpoint on STATE.
+pub fn checkpoint_path(state_dir: &std::path::Path) -> PathBuf {
+    state_dir.join("update").join("checkpoint")
+}
+
+/// Run `job` to its end, publishing on `ticket`. Returns when the install is staged or failed;
+/// the ticket is finished either way.
+pub async fn run<C: Connect>(job: Job, fetcher: Fetcher<C>, ticket: Ticket<InstallView>) {
+    // The compressed full image's size, for bytes_saved (advisory: None if the server is mute).
+    let fetch_size = fetcher.size(&job.full_url).await.ok().flatten();
+    let rt = tokio::runtime::Handle::current();
+    let ticket = std::sync::Arc::new(ticket);
+    let t2 = ticket.clone();
+    let outcome = tokio::task::spawn_blocking(move || -> Result<Report, String> {
+        let cp_dir = job.state_dir.join("update");
+        std::fs::create_dir_all(&cp_dir)
+            .map_err(|e| format!("creating {}: {e}", cp_dir.display()))?;
+        let mut store = FileStore::new(checkpoint_path(&job.state_dir));
+        let mut dev = FileDevice::open(&job.disk, true)
+            .map_err(|e| format!("opening the boot disk {}: {e}", job.disk.display()))?;
+        let req = Request {
+            sha256: job.sha256.clone(),
+            version: job.version.clone(),
+            tries: crate::bootctl::DEFAULT_TRIES,
+            full: FullImage {
+                identity: job.full_url.clone(),
+                fetch_size,
+                image_len: None,
+            },
+            delta: job.delta_url.clone(),
+            checkpoint_every: DEFAULT_CHECKPOINT_EVERY,
+        };
+        let (layout, plan) = driver::plan(&dev, job.running, req).map_err(|e| e.to_string())?;
+        let mut inputs = NetInputs {
+            rt,
+            fetcher,
+            full_url: job.full_url.clone(),
+            delta_url: job.delta_url.clone(),
+            current: None,
+            leftover: Bytes::new(),
+            leftover_at: 0,
+        };
+        let start = Instant::now();
+        let mut on_progress = |p: &Progress| {
+            let secs = start.elapsed().as_secs_f64();
+            let rate = if secs > 0.0 {
+                (p.done as f64 / secs) as u64
+            } else {
+                0
+            };
+            let pr = proto::Progress {
+                phase: phase(p) as i32,
+                bytes_done: p.done,
+                bytes_total: p.total.unwrap_or(0),
+                rate_bytes_per_second: rate,
+                detail: String::new(),
+            };
+            t2.update(|v| v.progress = pr);
+        };
+        driver::run(
+            &mut dev,
+            &layout,
+            plan,
+            &mut inputs,
+            &mut store,
+            &mut on_progress,
+        )
+        .map_err(|e| e.to_string())
+    })
+    .await
+    .unwrap_or_else(|e| Err(format!("the install task stopped: {e}")));
+    let ticket = match std::sync::Arc::try_unwrap(ticket) {
+        Ok(t) => t,
+        // The blocking task has returned, so no other holder is left; if one were, dropping
+        // the last reference still releases the board.
+        Err(_) => return,
+    };
+    match outcome {
+        Ok(r) => ticket.finish(|v| {
+            v.progress.phase = proto::Phase::Done as i32;
+            v.result = Some(result_of(&r));
+        }),
+        Err(e) => ticket.finish(|v| {
+            v.progress.phase = proto::Phase::Failed as i32;
+            v.result = Some(proto::InstallResult {
+                ok: false,
+                error: e,
+                sha256: v.sha256.clone(),
+                version: v.version.clone(),
+                ..Default::default()
+            });
+        }),
+    }
+}

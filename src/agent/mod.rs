@@ -1,0 +1,20 @@
+//! keel-agent: the gRPC management API of a KeelOS node, served over mutual TLS.
+//!
+//! This module owns the server side of the API: the mTLS listener ([`tls`]), who may call what
+//! ([`roles`]), the shared update state ([`board`]), and the handlers ([`service`]) that
+//! translate between protobuf messages and the core (bootctl, the update engine, keel-init's
+//! control interface). Handlers never implement install or boot-flag logic themselves, and
+//! nothing here ever serves plaintext.
+
+pub mod board;
+pub mod control;
+pub mod install;
+pub mod roles;
+pub mod service;
+pub mod tls;
+
+/// Generated from proto/keel.proto.
+#[allow(missing_debug_implementations, clippy::all, clippy::unwrap_used)]
+pub mod proto {
+    tonic::include_proto!("keel.v1");
+}

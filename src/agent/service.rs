@@ -1,0 +1,581 @@
+//! The gRPC handlers: each checks the caller's role against the table in [`super::roles`],
+//! translates the request into core calls (bootctl on the disk, the shared update board,
+//! keel-init's control interface) and the answer back into protobuf.
+//!
+//! Handlers never implement boot-flag or install logic, never panic on input, and never touch a
+//! disk outside the slots and flags that bootctl manages.
+
+use super::board::Board;
+use super::control::{ControlError, NodeControl};
+use super::proto::{self, keel_server::Keel};
+use super::roles::{authorize, Rpc};
+use super::tls::Peer;
+use crate::block::FileDevice;
+use crate::bootctl::{self, store, Slot, SlotFlags};
+use crate::update::driver;
+use crate::update::SlotRecord;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Instant;
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status};
+
+/// What the update board holds for the install in progress (or the last one).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct InstallView {
+    pub version: String,
+    pub sha256: String,
+    pub progress: proto::Progress,
+    pub result: Option<proto::InstallResult>,
+}
+
+/// How the agent was started.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// The boot disk (device or image file).
+    pub disk: PathBuf,
+    /// STATE's mount point (/state on a node).
+    pub state_dir: PathBuf,
+    /// The slot running now; found from the disk's flags at start when not given.
+    pub booted: Option<Slot>,
+    /// CA bundle (PEM) trusted for https downloads; the system bundle when absent.
+    pub fetch_ca: Option<PathBuf>,
+}
+
+/// The system's CA bundle on Debian and in the KeelOS image.
+pub const SYSTEM_CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
+
+/// The service.
+#[derive(Debug, Clone)]
+pub struct Agent {
+    cfg: Arc<AgentConfig>,
+    booted: Option<Slot>,
+    board: Board<InstallView>,
+    control: Arc<dyn NodeControl>,
+    started: Instant,
+    fetcher: crate::fetch::Fetcher,
+}
+
+fn internal(what: &str, e: impl std::fmt::Display) -> Status {
+    Status::internal(format!("{what}: {e}"))
+}
+
+fn disk_status(e: store::StoreError) -> Status {
+    Status::failed_precondition(e.to_string())
+}
+
+fn control_status(e: ControlError) -> Status {
+    match e {
+        ControlError::Unavailable(m) => Status::unavailable(m),
+        ControlError::NoSuchService(_) => Status::not_found(e.to_string()),
+        ControlError::Refused(_) => Status::failed_precondition(e.to_string()),
+    }
+}
+
+/// The role check every handler starts with.
+fn check<T>(req: &Request<T>, rpc: Rpc) -> Result<(), Status> {
+    let role = req.extensions().get::<Peer>().and_then(|p| p.role);
+    authorize(rpc, role).map_err(|d| Status::permission_denied(d.to_string()))
+}
+
+/// Every problem with an install request, all listed (empty: valid).
+pub fn validate_install(r: &proto::InstallRequest) -> Vec<String> {
+    let mut errs = Vec::new();
+    let d = r.sha256.trim();
+    if d.is_empty() {
+        errs.push("sha256 is empty: give the SHA-256 of the uncompressed image".to_string());
+    } else if d.len() != 64 || !d.bytes().all(|b| b.is_ascii_hexdigit()) {
+        errs.push(format!(
+            "sha256 {d:?} is not 64 hexadecimal characters ({} characters given)",
+            d.len()
+        ));
+    }
+    if r.full_image_url.trim().is_empty() {
+        errs.push(
+            "full_image_url is empty: the full image is needed (it is also the fallback of a \
+             delta install)"
+                .to_string(),
+        );
+    } else if let Err(e) = crate::fetch::parse_url(r.full_image_url.trim()) {
+        errs.push(format!("full_image_url: {e}"));
+    }
+    if r.is_delta {
+        if r.delta_url.trim().is_empty() {
+            errs.push("is_delta is set but delta_url is empty".to_string());
+        } else if let Err(e) = crate::fetch::parse_url(r.delta_url.trim()) {
+            errs.push(format!("delta_url: {e}"));
+        }
+    } else if !r.delta_url.is_empty() {
+        errs.push("delta_url is given but is_delta is not set".to_string());
+    }
+    if r.version.len() > 128 || r.version.chars().any(|c| c.is_control()) {
+        errs.push("version must be at most 128 printable characters".to_string());
+    }
+    errs
+}
+
+fn slot_info(
+    flags: SlotFlags,
+    s: Slot,
+    booted: Option<Slot>,
+    rec: Option<&SlotRecord>,
+) -> proto::SlotInfo {
+    let f = flags.get(s);
+    let state = match f.state() {
+        bootctl::SlotState::Successful => "successful",
+        bootctl::SlotState::Trying => "trying",
+        bootctl::SlotState::Failed => "failed",
+        bootctl::SlotState::Invalid => "invalid",
+    };
+    proto::SlotInfo {
+        slot: s.letter().into(),
+        priority: f.priority().into(),
+        tries: f.tries().into(),
+        successful: f.successful(),
+        bootable: f.bootable(),
+        state: state.into(),
+        image: rec.map(|r| proto::SlotImage {
+            version: r.version.clone(),
+            length: r.length,
+            sha256: crate::update::record::hex(&r.sha256),
+        }),
+        booted: Some(s) == booted,
+    }
+}
+
+fn uptime_seconds(started: Instant) -> u64 {
+    std::fs::read_to_string("/proc/uptime")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().map(str::to_string))
+        .and_then(|s| s.parse::<f64>().ok())
+        .map(|f| f as u64)
+        .unwrap_or_else(|| started.elapsed().as_secs())
+}
+
+fn os_version() -> String {
+    std::fs::read_to_string("/etc/os-release")
+        .ok()
+        .and_then(|s| {
+            s.lines().find_map(|l| {
+                l.strip_prefix("PRETTY_NAME=")
+                    .map(|v| v.trim_matches('"').to_string())
+            })
+        })
+        .unwrap_or_else(|| "unknown".into())
+}
+
+fn empty_roots() -> Arc<rustls::ClientConfig> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map(|b| {
+            b.with_root_certificates(rustls::RootCertStore::empty())
+                .with_no_client_auth()
+        });
+    match cfg {
+        Ok(c) => Arc::new(c),
+        // ring supports the default versions; this cannot fail, but never panic here.
+        Err(_) => Arc::new(
+            rustls::ClientConfig::builder()
+                .with_root_certificates(rustls::RootCertStore::empty())
+                .with_no_client_auth(),
+        ),
+    }
+}
+
+impl Agent {
+    /// Reads the disk's flags once to find the booted slot when it is not given.
+    pub fn new(cfg: AgentConfig, control: Arc<dyn NodeControl>) -> Result<Agent, String> {
+        let dev = FileDevice::open(&cfg.disk, false).map_err(|e| e.to_string())?;
+        let (_, flags) = store::load(&dev).map_err(|e| e.to_string())?;
+        // On a node keel-init knows the booted slot; on a host the slot the flags prefer now is
+        // the one that "runs".
+        let booted = cfg.booted.or_else(|| flags.preferred());
+        let tls = match &cfg.fetch_ca {
+            Some(p) => crate::fetch::tls_with_ca_bundle(p).map_err(|e| e.to_string())?,
+            None if std::path::Path::new(SYSTEM_CA_BUNDLE).exists() => {
+                crate::fetch::tls_with_ca_bundle(std::path::Path::new(SYSTEM_CA_BUNDLE))
+                    .map_err(|e| e.to_string())?
+            }
+            None => empty_roots(),
+        };
+        let fetcher = crate::fetch::Fetcher::new(
+            crate::fetch::TcpConnect,
+            tls,
+            crate::fetch::Policy::default(),
+        );
+        Ok(Agent {
+            fetcher,
+            cfg: Arc::new(cfg),
+            booted,
+            board: Board::new(),
+            control,
+            started: Instant::now(),
+        })
+    }
+
+    pub fn board(&self) -> &Board<InstallView> {
+        &self.board
+    }
+
+    pub fn booted(&self) -> Option<Slot> {
+        self.booted
+    }
+
+    async fn flags(&self) -> Result<SlotFlags, Status> {
+        self.disk_view().await.map(|(f, _)| f)
+    }
+
+    /// The flags and each slot's image record (from the engine's records on the disk).
+    async fn disk_view(&self) -> Result<(SlotFlags, [Option<SlotRecord>; 2]), Status> {
+        let disk = self.cfg.disk.clone();
+        tokio::task::spawn_blocking(move || {
+            let dev = FileDevice::open(&disk, false).map_err(|e| {
+                Status::unavailable(format!("opening the boot disk {}: {e}", disk.display()))
+            })?;
+            let (layout, flags) = store::load(&dev).map_err(disk_status)?;
+            // A slot whose record cannot be read shows as "image unknown".
+            let rec = |s| driver::read_record(&dev, &layout, s).ok().flatten();
+            Ok((flags, [rec(Slot::A), rec(Slot::B)]))
+        })
+        .await
+        .map_err(|e| internal("reading the disk", e))?
+    }
+
+    fn update_state(&self) -> Option<proto::UpdateState> {
+        self.board.current().map(|s| proto::UpdateState {
+            id: s.id,
+            version: s.state.version,
+            sha256: s.state.sha256,
+            running: s.running,
+            progress: Some(s.state.progress),
+            result: s.state.result,
+        })
+    }
+
+    /// The reply to Status.
+    pub async fn status_reply(&self) -> Result<proto::StatusReply, Status> {
+        let (flags, records) = self.disk_view().await?;
+        let booted = self.booted;
+        // A rollback: the other slot was preferred over the booted one but failed its tries.
+        let rolled_back = booted.is_some_and(|b| {
+            let o = flags.get(b.other());
+            o.state() == bootctl::SlotState::Failed && o.priority() > flags.get(b).priority()
+        });
+        Ok(proto::StatusReply {
+            os_version: os_version(),
+            agent_version: env!("CARGO_PKG_VERSION").into(),
+            booted_slot: booted.map(|s| s.letter().to_string()).unwrap_or_default(),
+            slots: Slot::ALL
+                .iter()
+                .zip(records.iter())
+                .map(|(&s, r)| slot_info(flags, s, booted, r.as_ref()))
+                .collect(),
+            rolled_back,
+            rolled_back_from: match (rolled_back, booted) {
+                (true, Some(b)) => records[usize::from(b.other() == Slot::B)]
+                    .as_ref()
+                    .map(|r| r.version.clone())
+                    .unwrap_or_default(),
+                _ => String::new(),
+            },
+            uptime_seconds: uptime_seconds(self.started),
+            update: self.update_state(),
+            next_boot_slot: flags
+                .preferred()
+                .map(|s| s.letter().to_string())
+                .unwrap_or_default(),
+        })
+    }
+}
+
+type Streamed<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+#[tonic::async_trait]
+impl Keel for Agent {
+    async fn status(
+        &self,
+        req: Request<proto::StatusRequest>,
+    ) -> Result<Response<proto::StatusReply>, Status> {
+        check(&req, Rpc::Status)?;
+        self.status_reply().await.map(Response::new)
+    }
+
+    async fn version(
+        &self,
+        req: Request<proto::VersionRequest>,
+    ) -> Result<Response<proto::VersionReply>, Status> {
+        check(&req, Rpc::Version)?;
+        Ok(Response::new(proto::VersionReply {
+            agent_version: env!("CARGO_PKG_VERSION").into(),
+            os_version: os_version(),
+        }))
+    }
+
+    type InstallUpdateStream = Streamed<proto::InstallEvent>;
+
+    async fn install_update(
+        &self,
+        req: Request<proto::InstallRequest>,
+    ) -> Result<Response<Self::InstallUpdateStream>, Status> {
+        check(&req, Rpc::InstallUpdate)?;
+        let r = req.into_inner();
+        let errs = validate_install(&r);
+        if !errs.is_empty() {
+            return Err(Status::invalid_argument(errs.join("; ")));
+        }
+        let sha = r.sha256.trim().to_ascii_lowercase();
+        let id = format!(
+            "{} (sha256 {sha})",
+            if r.version.is_empty() {
+                "unversioned image"
+            } else {
+                r.version.as_str()
+            }
+        );
+        let view = InstallView {
+            version: r.version.clone(),
+            sha256: sha.clone(),
+            progress: proto::Progress {
+                phase: proto::Phase::Validating as i32,
+                ..Default::default()
+            },
+            result: None,
+        };
+        // Admission is atomic: of two concurrent calls exactly one gets the ticket.
+        let ticket = self
+            .board
+            .try_begin(id.clone(), view)
+            .map_err(|b| Status::failed_precondition(b.to_string()))?;
+        let seen = self.board.current().map_or(0, |s| s.seq.saturating_sub(1));
+        let job = super::install::Job {
+            disk: self.cfg.disk.clone(),
+            state_dir: self.cfg.state_dir.clone(),
+            running: self.booted,
+            full_url: r.full_image_url.trim().to_string(),
+            delta_url: r.is_delta.then(|| r.delta_url.trim().to_string()),
+            sha256: sha,
+            version: r.version.clone(),
+        };
+        // The install runs on its own task: it goes on when the client disconnects.
+        tokio::spawn(super::install::run(job, self.fetcher.clone(), ticket));
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        let board = self.board.clone();
+        tokio::spawn(async move {
+            let mut seen = seen;
+            loop {
+                let snap = board.changed(seen).await;
+                seen = snap.seq;
+                if snap.id != id {
+                    return;
+                }
+                let ev = proto::InstallEvent {
+                    event: Some(proto::install_event::Event::Progress(snap.state.progress)),
+                };
+                if tx.send(Ok(ev)).await.is_err() {
+                    return; // the client went away; the install goes on
+                }
+                if !snap.running {
+                    if let Some(r) = snap.state.result {
+                        let ev = proto::InstallEvent {
+                            event: Some(proto::install_event::Event::Result(r)),
+                        };
+                        let _ = tx.send(Ok(ev)).await;
+                    }
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+
+    async fn reboot(
+        &self,
+        req: Request<proto::RebootRequest>,
+    ) -> Result<Response<proto::RebootReply>, Status> {
+        check(&req, Rpc::Reboot)?;
+        if let Some(s) = self.board.current().filter(|s| s.running) {
+            return Err(Status::failed_precondition(format!(
+                "an update is running ({}); reboot after it finishes",
+                s.id
+            )));
+        }
+        if req.get_ref().only_if_staged {
+            let flags = self.flags().await?;
+            let staged = self.booted.is_some_and(|b| {
+                let o = b.other();
+                flags.preferred() == Some(o) && flags.get(o).state() == bootctl::SlotState::Trying
+            });
+            if !staged {
+                return Err(Status::failed_precondition(
+                    "no update is staged (the next boot would run the same slot); nothing to \
+                     reboot into",
+                ));
+            }
+        }
+        self.control.reboot().await.map_err(control_status)?;
+        Ok(Response::new(proto::RebootReply {
+            rebooting: true,
+            message: "rebooting".into(),
+        }))
+    }
+
+    async fn rollback(
+        &self,
+        req: Request<proto::RollbackRequest>,
+    ) -> Result<Response<proto::RollbackReply>, Status> {
+        check(&req, Rpc::Rollback)?;
+        if let Some(s) = self.board.current().filter(|s| s.running) {
+            return Err(Status::failed_precondition(format!(
+                "an update is running ({}); a rollback now would race it",
+                s.id
+            )));
+        }
+        let Some(booted) = self.booted else {
+            return Err(Status::failed_precondition(
+                "no slot is known to be running (nothing on the disk is bootable); nothing to \
+                 roll back from",
+            ));
+        };
+        let disk = self.cfg.disk.clone();
+        let flags = tokio::task::spawn_blocking(move || {
+            let mut dev = FileDevice::open(&disk, true).map_err(|e| {
+                Status::unavailable(format!("opening the boot disk {}: {e}", disk.display()))
+            })?;
+            store::update(&mut dev, |f| bootctl::rollback(f, booted))
+                .map(|(_, f)| f)
+                .map_err(disk_status)
+        })
+        .await
+        .map_err(|e| internal("rollback", e))??;
+        let next = flags.preferred().map(|s| s.letter()).unwrap_or("");
+        Ok(Response::new(proto::RollbackReply {
+            next_boot_slot: next.into(),
+            message: format!("the next boot runs slot {next}; slot {booted} stays the fallback"),
+        }))
+    }
+
+    async fn get_config(
+        &self,
+        req: Request<proto::GetConfigRequest>,
+    ) -> Result<Response<proto::ConfigReply>, Status> {
+        check(&req, Rpc::GetConfig)?;
+        Err(Status::unimplemented(
+            "node configuration (src/config) is not part of this keel-agent build yet",
+        ))
+    }
+
+    async fn apply_config(
+        &self,
+        req: Request<proto::ApplyConfigRequest>,
+    ) -> Result<Response<proto::ApplyConfigReply>, Status> {
+        check(&req, Rpc::ApplyConfig)?;
+        Err(Status::unimplemented(
+            "node configuration (src/config) is not part of this keel-agent build yet; \
+             nothing was written",
+        ))
+    }
+
+    async fn service_list(
+        &self,
+        req: Request<proto::ServiceListRequest>,
+    ) -> Result<Response<proto::ServiceListReply>, Status> {
+        check(&req, Rpc::ServiceList)?;
+        let list = self.control.services().await.map_err(control_status)?;
+        Ok(Response::new(proto::ServiceListReply {
+            services: list
+                .into_iter()
+                .map(|s| proto::ServiceInfo {
+                    name: s.name,
+                    state: s.state,
+                    pid: s.pid,
+                    restarts: s.restarts,
+                    detail: s.detail,
+                })
+                .collect(),
+        }))
+    }
+
+    async fn service_restart(
+        &self,
+        req: Request<proto::ServiceRestartRequest>,
+    ) -> Result<Response<proto::ServiceRestartReply>, Status> {
+        check(&req, Rpc::ServiceRestart)?;
+        let name = req.into_inner().name;
+        if name.trim().is_empty() {
+            return Err(Status::invalid_argument("service name is empty"));
+        }
+        let m = self.control.restart(name).await.map_err(control_status)?;
+        Ok(Response::new(proto::ServiceRestartReply { message: m }))
+    }
+
+    type LogsStream = Streamed<proto::LogLine>;
+
+    async fn logs(
+        &self,
+        req: Request<proto::LogsRequest>,
+    ) -> Result<Response<Self::LogsStream>, Status> {
+        check(&req, Rpc::Logs)?;
+        let r = req.into_inner();
+        if r.service.trim().is_empty() {
+            return Err(Status::invalid_argument("service name is empty"));
+        }
+        let rx = self
+            .control
+            .logs(r.service, r.follow, r.tail_lines)
+            .await
+            .map_err(control_status)?;
+        let s = tokio_stream::wrappers::ReceiverStream::new(rx);
+        let s = tokio_stream::StreamExt::map(s, |line| Ok(proto::LogLine { line }));
+        Ok(Response::new(Box::pin(s)))
+    }
+}
+
+/// Serve the API on `listener` over mutual TLS until `shutdown` resolves.
+pub async fn serve(
+    agent: Agent,
+    listener: tokio::net::TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), tonic::transport::Error> {
+    let incoming = super::tls::incoming(listener, tls);
+    tonic::transport::Server::builder()
+        .add_service(proto::keel_server::KeelServer::new(agent))
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(url: &str, sha: &str) -> proto::InstallRequest {
+        proto::InstallRequest {
+            full_image_url: url.into(),
+            sha256: sha.into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn install_requests_are_validated_with_every_error_listed() {
+        let good = "ab".repeat(32);
+        assert!(validate_install(&req("http://127.0.0.1:1/img", &good)).is_empty());
+        let e = validate_install(&req("", ""));
+        assert_eq!(e.len(), 2, "{e:?}");
+        let e = validate_install(&req("ftp://x/y", "abc"));
+        assert_eq!(e.len(), 2, "{e:?}");
+        assert!(e[0].contains("64 hexadecimal"), "{e:?}");
+        assert!(e[1].contains("unsupported scheme"), "{e:?}");
+        let e = validate_install(&req("http://h/x", &"zz".repeat(32)));
+        assert_eq!(e.len(), 1, "{e:?}");
+        let mut d = req("http://h/x", &good);
+        d.is_delta = true;
+        assert_eq!(validate_install(&d).len(), 1);
+        d.delta_url = "not a url".into();
+        assert!(validate_install(&d)[0].contains("delta_url"));
+    }
+}

@@ -1,0 +1,114 @@
+//! keel-agent: serves the KeelOS management API over mutual TLS. Argument parsing and wiring
+//! only; everything else lives in `keelos::agent`.
+
+use clap::Parser;
+use keelos::agent::control::{NodeControl, Unavailable};
+use keelos::agent::service::{serve, Agent, AgentConfig};
+use keelos::agent::tls;
+use keelos::bootctl::Slot;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+/// The KeelOS node agent: gRPC over mutual TLS (no plaintext listener).
+#[derive(Debug, Parser)]
+#[command(name = "keel-agent", version)]
+struct Args {
+    /// The boot disk: a block device or a disk image file.
+    #[arg(long)]
+    disk: PathBuf,
+    /// Address to listen on, e.g. 0.0.0.0:50051 (port 0: any free port, printed at start).
+    #[arg(long, default_value = "0.0.0.0:50051")]
+    listen: String,
+    /// Directory with ca.crt, agent.crt and agent.key (osctl gen pki makes them).
+    #[arg(long)]
+    pki: PathBuf,
+    /// Where STATE is mounted (/state on a node).
+    #[arg(long)]
+    state_dir: PathBuf,
+    /// keel-init's control socket (/run/keel/init.sock on a node).
+    #[arg(long)]
+    control: Option<PathBuf>,
+    /// The slot running now, when the disk's flags should not decide (a or b).
+    #[arg(long)]
+    booted_slot: Option<Slot>,
+    /// CA bundle (PEM) trusted for https update downloads (default: the system bundle).
+    #[arg(long)]
+    fetch_ca: Option<PathBuf>,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("keel-agent: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("keel-agent: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: Args) -> Result<(), String> {
+    let tls = tls::server_config(&args.pki).map_err(|e| e.to_string())?;
+    let control: Arc<dyn NodeControl> = match &args.control {
+        None => Arc::new(Unavailable),
+        Some(p) => {
+            // keel-init's control protocol (src/control) is not part of this build: say so and
+            // answer service, log and reboot calls as unavailable instead of guessing it.
+            eprintln!(
+                "keel-agent: --control {} given, but this build has no control-socket client \
+                 yet; services, logs and reboot will answer UNAVAILABLE",
+                p.display()
+            );
+            Arc::new(Unavailable)
+        }
+    };
+    let agent = Agent::new(
+        AgentConfig {
+            disk: args.disk.clone(),
+            state_dir: args.state_dir.clone(),
+            booted: args.booted_slot,
+            fetch_ca: args.fetch_ca.clone(),
+        },
+        control,
+    )
+    .map_err(|e| format!("boot disk {}: {e}", args.disk.display()))?;
+    let listener = tokio::net::TcpListener::bind(&args.listen)
+        .await
+        .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| format!("listening socket: {e}"))?;
+    println!("keel-agent: listening on {addr} (mutual TLS)");
+    eprintln!(
+        "keel-agent: disk {}, booted slot {}",
+        args.disk.display(),
+        agent.booted().map(|s| s.letter()).unwrap_or("none")
+    );
+    let shutdown = async {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(t) => t,
+                Err(_) => return std::future::pending().await,
+            };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+        eprintln!("keel-agent: shutting down");
+    };
+    serve(agent, listener, tls, shutdown)
+        .await
+        .map_err(|e| format!("server: {e}"))
+}
