@@ -420,7 +420,7 @@ fn v1_boots_keel_init_mounts_the_slot_and_starts_containerd() {
 /// Test 1: a v1 node built with the PKI from `osctl gen pki` boots; `osctl status` over mutual
 /// TLS (through QEMU's forwarded port) shows v1 (its image record: version and SHA-256) booted
 /// from slot A, slot A successful (the factory disk starts it successful; keel-init marking a
-/// *new* slot after its health window is the update tests' job), tries unspent; containerd is
+/// *new* slot after its health window is the update tests' job); containerd is
 /// running and serves its socket.
 #[test]
 fn node_v1_boots_and_osctl_status_shows_slot_a_successful() {
