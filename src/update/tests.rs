@@ -388,33 +388,13 @@ fn engine_refuses_protocol_misuse() {
         ),
         Err(InstallError::TargetIsRunning(Slot::A))
     ));
-    let mut i = Install::new(plan, None).unwrap();
+    let mut i = Install::new(plan.clone(), None).unwrap();
     assert!(matches!(i.poll(), Action::SetFlags(_)));
     assert!(matches!(
         i.poll(),
         Action::Failed(InstallError::Protocol { .. })
     ));
-    let mut i = Install::new(
-        InstallPlan {
-            target: Slot::B,
-            running: Some(Slot::A),
-            flags: Default::default(),
-            target_len: MIB,
-            source_len: MIB,
-            sha256: sha(&v2),
-            version: "v".into(),
-            tries: 3,
-            full: FullImage {
-                identity: "x".into(),
-                fetch_size: None,
-                image_len: None,
-            },
-            delta: None,
-            checkpoint_every: 1 << 20,
-        },
-        None,
-    )
-    .unwrap();
+    let mut i = Install::new(plan, None).unwrap();
     let _ = i.poll();
     i.handle(Event::WriteDone);
     assert!(matches!(i.poll(), Action::ClearCheckpoint));
