@@ -109,36 +109,36 @@ fn ioctl(fd: &OwnedFd, req: libc::c_ulong, arg: *mut libc::c_void) -> std::io::R
     }
 }
 
+/// A socket and the interface's request with its flags read (SIOCGIFFLAGS).
+fn read_flags(iface: &str) -> Result<(OwnedFd, libc::ifreq), NetError> {
+    let s = socket().map_err(net_err("socket", iface))?;
+    let mut r = ifreq(iface).map_err(net_err("name", iface))?;
+    ioctl(&s, libc::SIOCGIFFLAGS, &mut r as *mut _ as *mut _)
+        .map_err(net_err("SIOCGIFFLAGS", iface))?;
+    Ok((s, r))
+}
+
+fn net_err<'a>(op: &'static str, iface: &'a str) -> impl FnOnce(std::io::Error) -> NetError + 'a {
+    move |source| NetError {
+        op,
+        iface: iface.to_string(),
+        source,
+    }
+}
+
 /// Set the interface up.
 pub fn link_up(iface: &str) -> Result<(), NetError> {
-    let e = |op| {
-        move |source| NetError {
-            op,
-            iface: iface.to_string(),
-            source,
-        }
-    };
-    let s = socket().map_err(e("socket"))?;
-    let mut r = ifreq(iface).map_err(e("name"))?;
-    ioctl(&s, libc::SIOCGIFFLAGS, &mut r as *mut _ as *mut _).map_err(e("SIOCGIFFLAGS"))?;
+    let (s, mut r) = read_flags(iface)?;
     // SAFETY: SIOCGIFFLAGS filled the flags member of the union
     unsafe { r.ifr_ifru.ifru_flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short };
-    ioctl(&s, libc::SIOCSIFFLAGS, &mut r as *mut _ as *mut _).map_err(e("SIOCSIFFLAGS"))?;
+    ioctl(&s, libc::SIOCSIFFLAGS, &mut r as *mut _ as *mut _)
+        .map_err(net_err("SIOCSIFFLAGS", iface))?;
     Ok(())
 }
 
 /// Whether the interface is up.
 pub fn is_up(iface: &str) -> Result<bool, NetError> {
-    let e = |op| {
-        move |source| NetError {
-            op,
-            iface: iface.to_string(),
-            source,
-        }
-    };
-    let s = socket().map_err(e("socket"))?;
-    let mut r = ifreq(iface).map_err(e("name"))?;
-    ioctl(&s, libc::SIOCGIFFLAGS, &mut r as *mut _ as *mut _).map_err(e("SIOCGIFFLAGS"))?;
+    let (_s, r) = read_flags(iface)?;
     // SAFETY: SIOCGIFFLAGS filled the flags member of the union
     Ok(unsafe { r.ifr_ifru.ifru_flags } & libc::IFF_UP as libc::c_short != 0)
 }
