@@ -15,6 +15,7 @@ use keelos::image::release;
 use keelos::image::stub::{self, Stub};
 use keelos::image::tree::Content;
 use keelos::image::{debian::Versions, modules};
+use node::Node;
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
@@ -424,7 +425,7 @@ fn v1_boots_keel_init_mounts_the_slot_and_starts_containerd() {
 /// running and serves its socket.
 #[test]
 fn node_v1_boots_and_osctl_status_shows_slot_a_successful() {
-    let mut n = node::Node::new("node-v1", None);
+    let mut n = node::Node::new("node-v1", "v1");
     n.boot();
     let (_, waited) = n.wait_agent(Duration::from_secs(600));
     timing(
@@ -484,4 +485,479 @@ fn node_v1_boots_and_osctl_status_shows_slot_a_successful() {
         sizes("initramfs.img")
     );
     n.vm().kill();
+}
+
+/// How long the agent may take to answer after a (re)boot before a test gives up.
+const AGENT_LIMIT: Duration = Duration::from_secs(300);
+
+/// How long a node may take to give up on a broken slot and come back on the other: three
+/// tries, each up to the boot deadline plus a boot, with room for a loaded machine.
+fn rollback_limit() -> Duration {
+    Duration::from_secs(3 * (node::BOOT_DEADLINE_SECS + 90) + 120)
+}
+
+/// Boot a fresh node and wait for its agent; prints the QEMU-start-to-agent-ready time.
+fn boot_to_agent(n: &mut Node, test: &str) -> serde_json::Value {
+    n.boot();
+    let (st, _) = n.wait_agent(AGENT_LIMIT);
+    timing(
+        test,
+        "qemu start to agent ready (osctl status answers)",
+        n.vm().started.elapsed(),
+    );
+    st
+}
+
+/// `osctl reboot`, then wait for the node to come back on `slot` and mark it successful.
+/// Prints reboot-to-agent-ready and reboot-to-successful.
+fn reboot_into(n: &mut Node, test: &str, slot: &'static str) -> serde_json::Value {
+    let t0 = n.reboot();
+    n.wait_status(AGENT_LIMIT, &format!("booted from slot {slot}"), |s| {
+        s["booted_slot"] == slot
+    });
+    timing(test, "reboot to agent ready", t0.elapsed());
+    let (st, _) = n.wait_booted_successful(slot, AGENT_LIMIT);
+    timing(
+        test,
+        &format!("reboot to slot {slot} marked successful"),
+        t0.elapsed(),
+    );
+    st
+}
+
+fn installed(n: &mut Node, p: &node::Published, delta: bool, test: &str) -> serde_json::Value {
+    let t0 = std::time::Instant::now();
+    let r = n
+        .install(p, delta)
+        .unwrap_or_else(|e| panic!("osctl install {}: {e}", p.version));
+    timing(
+        test,
+        &format!(
+            "install of {} ({})",
+            p.version,
+            if delta { "delta" } else { "full" }
+        ),
+        t0.elapsed(),
+    );
+    assert_eq!(r["ok"], true, "{r}");
+    assert_eq!(r["sha256"], p.sha256.as_str(), "{r}");
+    r
+}
+
+/// The status of a node whose slot `slot` holds `release`.
+fn assert_slot_holds(st: &serde_json::Value, slot: &str, release: &str) {
+    let r = node::releases();
+    let s = Node::slot(st, slot);
+    assert_eq!(s["image"]["version"], r.version(release), "{st}");
+    assert_eq!(s["image"]["sha256"], r.sha256(release).as_str(), "{st}");
+}
+
+/// Test 2: a full update to v2 (the resumable zstd image from the update server), then
+/// `osctl reboot`: the node comes back on v2 in slot B and keel-init marks it successful after
+/// its health window; slot A keeps v1 as the fallback.
+#[test]
+fn full_update_to_v2_then_reboot_comes_back_on_slot_b() {
+    let test = "full update v2";
+    let mut n = Node::new("full-v2", "v1");
+    let p = n.publish("v2", false);
+    boot_to_agent(&mut n, test);
+    n.wait_booted_successful("a", AGENT_LIMIT);
+    let r = installed(&mut n, &p, false, test);
+    assert_eq!(r["staged_slot"], "b", "{r}");
+    assert_eq!(r["fallback_used"], false, "{r}");
+    assert_eq!(r["bytes_saved"], 0, "{r}");
+    let zst = node::releases().size("v2", "root.img.zst");
+    assert!(
+        n.server.sent(&p.image_file) >= zst,
+        "the whole image was downloaded"
+    );
+    let st = n.status().unwrap();
+    assert_eq!(st["next_boot_slot"], "b", "{st}");
+    assert_eq!(Node::slot(&st, "b")["state"], "trying", "{st}");
+    assert_slot_holds(&st, "b", "v2");
+    let st = reboot_into(&mut n, test, "b");
+    assert_eq!(st["os_version"], "KeelOS 2.0.0", "{st}");
+    assert_slot_holds(&st, "b", "v2");
+    assert_slot_holds(&st, "a", "v1");
+    assert_eq!(Node::slot(&st, "a")["successful"], true, "{st}");
+    assert_eq!(st["rolled_back"], false, "{st}");
+    assert!(n.serial_count("booting slot b") >= 1);
+}
+
+/// Test 3: a delta update from v2 (in slot A) to v3: only the BSDIFF40 delta is downloaded,
+/// bytes_saved is the compressed full image's size minus the delta's, and the node boots v3.
+#[test]
+fn delta_update_v2_to_v3_saves_bytes_and_boots_v3() {
+    let test = "delta v2->v3";
+    let mut n = Node::new("delta-v3", "v2");
+    let p = n.publish("v3", false);
+    let st = boot_to_agent(&mut n, test);
+    assert_slot_holds(&st, "a", "v2");
+    let r = installed(&mut n, &p, true, test);
+    let rel = node::releases();
+    let zst = rel.size("v3", "root.img.zst");
+    let delta = rel.size("v3", "delta-from-2.0.0.bsdiff");
+    assert_eq!(r["fallback_used"], false, "{r}");
+    assert_eq!(r["staged_slot"], "b", "{r}");
+    assert_eq!(r["bytes_saved"], zst - delta, "{r}");
+    assert!(zst > delta);
+    assert_eq!(n.server.sent(p.delta_file.as_ref().unwrap()), delta);
+    assert_eq!(
+        n.server.sent(&p.image_file),
+        0,
+        "the full image was not needed"
+    );
+    eprintln!(
+        "sizes: v2 -> v3 delta {delta} bytes = {:.4}% of the compressed full image ({zst} bytes, zstd -3); root.img {} bytes",
+        100.0 * delta as f64 / zst as f64,
+        rel.size("v3", "root.img")
+    );
+    let st = reboot_into(&mut n, test, "b");
+    assert_eq!(st["os_version"], "KeelOS 3.0.0", "{st}");
+    assert_slot_holds(&st, "b", "v3");
+}
+
+/// Boot a v1 node, install `release` (broken) into slot B, reboot into it, and wait until the
+/// node is back on slot A by itself. Returns the status and the serial log.
+fn broken_update_rolls_back(name: &str, release: &str) -> (serde_json::Value, String) {
+    let mut n = Node::new(name, "v1");
+    let p = n.publish(release, false);
+    boot_to_agent(&mut n, name);
+    n.wait_booted_successful("a", AGENT_LIMIT);
+    installed(&mut n, &p, false, name);
+    let t0 = n.reboot();
+    let (st, _) = n.wait_status(rollback_limit(), "back on slot a after a rollback", |s| {
+        s["booted_slot"] == "a" && s["rolled_back"] == true
+    });
+    timing(
+        name,
+        "failed boot to rollback done (reboot into the broken slot to agent ready on slot a)",
+        t0.elapsed(),
+    );
+    assert_eq!(st["os_version"], "KeelOS 1.0.0", "{st}");
+    assert_eq!(st["rolled_back_from"], p.version.as_str(), "{st}");
+    assert_eq!(st["next_boot_slot"], "a", "{st}");
+    let b = Node::slot(&st, "b");
+    assert_eq!(b["state"], "failed", "{st}");
+    assert_eq!(b["tries"], 0, "{st}");
+    assert_eq!(b["successful"], false, "{st}");
+    assert_slot_holds(&st, "b", release);
+    assert_slot_holds(&st, "a", "v1");
+    let serial = n.vm().serial();
+    // One boot per try: the default three.
+    assert_eq!(
+        serial.matches("booting slot b").count(),
+        3,
+        "{}",
+        n.vm().tail(60)
+    );
+    (st, serial)
+}
+
+/// Test 4: an update whose agent exits at start never becomes healthy: each boot of slot B
+/// misses its deadline and reboots, the tries run out, the node is back on v1, and status
+/// reports the failed attempt (rolled back from that version; slot B failed).
+#[test]
+fn broken_agent_update_runs_out_of_tries_and_rolls_back() {
+    let (_, serial) = broken_update_rolls_back("broken-agent", "bad-agent");
+    assert!(
+        serial.matches("did not become healthy within").count() == 3,
+        "keel-init did not log one missed deadline per try"
+    );
+}
+
+/// Watchdog resets seen on a serial log: kernels that started without a reboot the guest asked
+/// for (the kernel prints "reboot: Restarting system" for those).
+fn watchdog_resets(serial: &str) -> usize {
+    let boots = serial.matches("Linux version").count();
+    let asked = serial.matches("reboot: Restarting system").count();
+    boots.saturating_sub(1 + asked)
+}
+
+/// Test 5a: the new slot's init hangs without petting the watchdog: the i6300esb resets the
+/// guest, once per try, and the node rolls back to v1.
+#[test]
+fn hang_in_new_slot_is_reset_by_the_watchdog_and_rolls_back() {
+    let (_, serial) = broken_update_rolls_back("init-hangs", "bad-hang");
+    assert_eq!(watchdog_resets(&serial), 3, "{serial}");
+}
+
+/// Test 5b: the new slot's init exits, so the kernel panics; the watchdog resets the guest,
+/// once per try, and the node rolls back to v1.
+#[test]
+fn kernel_panic_in_new_slot_is_reset_by_the_watchdog_and_rolls_back() {
+    let (_, serial) = broken_update_rolls_back("init-panics", "bad-panic");
+    assert_eq!(
+        serial.matches("Kernel panic").count(),
+        3,
+        "one panic per try"
+    );
+    assert_eq!(watchdog_resets(&serial), 3, "{serial}");
+}
+
+/// Test 6: the update server serves a corrupted delta: the install falls back to the full
+/// image, says so, and the new version boots.
+#[test]
+fn corrupted_delta_falls_back_to_the_full_image_and_boots() {
+    let test = "corrupted delta";
+    let mut n = Node::new("corrupt-delta", "v1");
+    let p = n.publish("v2", true);
+    boot_to_agent(&mut n, test);
+    let r = installed(&mut n, &p, true, test);
+    assert_eq!(r["fallback_used"], true, "{r}");
+    assert_ne!(r["fallback_reason"], "", "{r}");
+    assert_eq!(r["bytes_saved"], 0, "{r}");
+    eprintln!("corrupted delta: fallback reason: {}", r["fallback_reason"]);
+    let zst = node::releases().size("v2", "root.img.zst");
+    assert!(n.server.sent(&p.image_file) >= zst);
+    let st = reboot_into(&mut n, test, "b");
+    assert_eq!(st["os_version"], "KeelOS 2.0.0", "{st}");
+    assert_slot_holds(&st, "b", "v2");
+}
+
+/// Test 8: a manual rollback with osctl. Refused while slot B holds nothing; after an update
+/// to v2 has booted, `osctl rollback` makes slot A the next boot and the reboot runs v1 again
+/// (slot B keeps v2, successful).
+#[test]
+fn manual_rollback_with_osctl_returns_to_v1() {
+    let test = "manual rollback";
+    let mut n = Node::new("manual-rollback", "v1");
+    let p = n.publish("v2", false);
+    boot_to_agent(&mut n, test);
+    n.wait_booted_successful("a", AGENT_LIMIT);
+    let e = n.osctl(&["rollback"]).unwrap_err();
+    assert!(e.contains("cannot roll back"), "{e}");
+    installed(&mut n, &p, false, test);
+    reboot_into(&mut n, test, "b");
+    let out = n.osctl(&["rollback"]).unwrap();
+    assert!(out.contains("slot a"), "{out}");
+    let st = n.status().unwrap();
+    assert_eq!(st["next_boot_slot"], "a", "{st}");
+    assert_eq!(st["booted_slot"], "b", "{st}");
+    let st = reboot_into(&mut n, test, "a");
+    assert_eq!(st["os_version"], "KeelOS 1.0.0", "{st}");
+    assert_slot_holds(&st, "a", "v1");
+    assert_slot_holds(&st, "b", "v2");
+    assert_eq!(Node::slot(&st, "b")["successful"], true, "{st}");
+}
+
+/// After a power cut: what the boot stage will choose must be a verified slot (its bytes hash
+/// to its record) holding one of `allowed`. Returns the slot's letter.
+fn verified_choice(n: &Node, allowed: &[&str], why: &str, seed: u64) -> &'static str {
+    let (slot, sha) = node::verified_boot_choice(&n.disk)
+        .unwrap_or_else(|e| panic!("{why} (seed {seed}): the next boot is not verified: {e}"));
+    let r = node::releases();
+    assert!(
+        allowed.iter().any(|a| r.sha256(a) == sha),
+        "{why} (seed {seed}): slot {slot} holds {sha}, none of {allowed:?}"
+    );
+    eprintln!("power cuts: {why}: the next boot runs slot {slot} (verified, {sha})");
+    slot
+}
+
+/// The slot the last boot on the serial console chose ("booting slot X"), if it got that far.
+fn last_booted(serial: &str) -> Option<String> {
+    let i = serial.rfind("booting slot ")?;
+    serial[i + 13..].get(..1).map(str::to_string)
+}
+
+/// Test 7: power cuts. QEMU is killed at random instants (seeded; KEEL_QEMU_SEED=N replays the
+/// same choices) during an install (two points of the download, one right after it) and during
+/// the first boot of the new slot (two instants in the first 15 s). After every cut the boot
+/// choice on the disk must be a slot whose bytes hash to its record (v1 or v2), the boot that
+/// follows must run that slot, re-issuing the install must complete (resuming from its
+/// checkpoint), and the node ends on v2, marked successful.
+#[test]
+fn power_cuts_during_install_and_first_boot_always_boot_a_verified_slot() {
+    use proptest::prelude::Rng;
+    use proptest::test_runner::{RngAlgorithm, TestRng};
+    let test = "power cuts";
+    let seed: u64 = std::env::var("KEEL_QEMU_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(7)
+        });
+    eprintln!("power cuts: seed {seed} (KEEL_QEMU_SEED={seed} replays the same cut points)");
+    let mut key = [0u8; 32];
+    key[..8].copy_from_slice(&seed.to_le_bytes());
+    let mut rng = TestRng::from_seed(RngAlgorithm::ChaCha, &key);
+    let mut n = Node::new("power-cuts", "v1");
+    let p = n.publish("v2", false);
+    let zst = node::releases().size("v2", "root.img.zst");
+    let both = ["v1", "v2"];
+    boot_to_agent(&mut n, test);
+    n.wait_booted_successful("a", AGENT_LIMIT);
+    let mut cuts = 0;
+    let cut = |n: &mut Node, cuts: &mut usize, what: &str| {
+        n.vm().kill();
+        *cuts += 1;
+        eprintln!("power cuts: cut {cuts} {what}");
+    };
+    // After a cut: check the choice, boot, and see that the boot ran it and the agent answers.
+    let restart = |n: &mut Node, why: &str| {
+        let slot = verified_choice(n, &both, why, seed);
+        n.boot();
+        let (st, _) = n.wait_status(AGENT_LIMIT, "agent ready after a power cut", |s| {
+            !s["booted_slot"].as_str().unwrap_or("").is_empty()
+        });
+        timing(test, "power cut to agent ready", n.vm().started.elapsed());
+        assert_eq!(st["booted_slot"], slot, "seed {seed}: {st}");
+        slot
+    };
+    let install_args: Vec<String> = ["--output", "json"]
+        .iter()
+        .map(|s| s.to_string())
+        .chain(p.install_args(false))
+        .collect();
+    let args: Vec<&str> = install_args.iter().map(String::as_str).collect();
+
+    // 1 and 2: at random points of the download (counted from the start of each attempt:
+    // the second attempt resumes, so its own share is what is left).
+    // a uniform choice in lo..hi
+    let mut pick = |lo: u64, hi: u64| lo + rng.next_u64() % (hi - lo);
+    let fractions = [
+        pick(100, 450) as f64 / 1000.0,
+        pick(200, 500) as f64 / 1000.0,
+    ];
+    let mut booted;
+    for f in fractions {
+        let before = n.server.sent(&p.image_file);
+        let mut child = n
+            .osctl_cmd(&args)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let at = (f * zst as f64) as u64;
+        loop {
+            if n.server.sent(&p.image_file) - before >= at {
+                break;
+            }
+            assert!(
+                child.try_wait().unwrap().is_none(),
+                "seed {seed}: the install ended before {at} bytes were sent"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let got = n.server.sent(&p.image_file) - before;
+        cut(
+            &mut n,
+            &mut cuts,
+            &format!("during the download, {got} bytes into this attempt"),
+        );
+        let _ = child.wait();
+        booted = restart(&mut n, "after a cut during the download");
+        assert_eq!(booted, "a", "slot b is not activated mid-download");
+    }
+
+    // 3: a random instant within 3 s of the end of the download (writing the last data,
+    // flushing, verifying, activating, or just done).
+    let before = n.server.sent(&p.image_file);
+    let mut child = n
+        .osctl_cmd(&args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut last = (n.server.sent(&p.image_file), std::time::Instant::now());
+    loop {
+        // the download has ended when the server has sent nothing for a second
+        let now = n.server.sent(&p.image_file);
+        if now != last.0 {
+            last = (now, std::time::Instant::now());
+        } else if now > before && last.1.elapsed() > Duration::from_secs(1) {
+            break;
+        }
+        if child.try_wait().unwrap().is_some() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let third = n.server.sent(&p.image_file) - before;
+    assert!(
+        third < zst,
+        "seed {seed}: the third attempt downloaded {third} bytes, the whole image is {zst}: it \
+         did not resume from its checkpoint"
+    );
+    std::thread::sleep(Duration::from_millis(pick(0, 3000)));
+    cut(
+        &mut n,
+        &mut cuts,
+        &format!("after the download ({third} bytes in this attempt, resumed)"),
+    );
+    let _ = child.wait();
+    // The restart either runs v1 (install unfinished: re-issue it) or is the first boot of
+    // slot b (install finished and activated before the cut).
+    let next = verified_choice(&n, &both, "after the cut after the download", seed);
+    booted = "none";
+    if next == "a" {
+        booted = restart(&mut n, "after the cut after the download");
+        let before = n.server.sent(&p.image_file);
+        let r = installed(&mut n, &p, false, test);
+        assert_eq!(r["staged_slot"], "b", "{r}");
+        let sent = n.server.sent(&p.image_file) - before;
+        eprintln!("power cuts: the re-issued install downloaded {sent} of {zst} bytes");
+        assert!(
+            sent < zst,
+            "seed {seed}: the re-issued install did not resume"
+        );
+    }
+
+    // 4 and 5: during the first boot of slot b, at a random instant in its first 15 s.
+    let mut first_boot_cuts = 0;
+    while first_boot_cuts < 2 {
+        let expect = verified_choice(&n, &both, "before a first boot of slot b", seed);
+        let t0 = if booted == "a" {
+            n.reboot()
+        } else {
+            n.boot();
+            n.vm().started
+        };
+        let delay = Duration::from_millis(pick(1000, 15_000));
+        std::thread::sleep(delay.saturating_sub(t0.elapsed()));
+        cut(
+            &mut n,
+            &mut cuts,
+            &format!(
+                "{:.1} s into a first boot of slot b",
+                t0.elapsed().as_secs_f64()
+            ),
+        );
+        first_boot_cuts += 1;
+        if let Some(ran) = last_booted(&n.vm().serial()) {
+            // After an `osctl reboot` the log also holds the boot before it; the last
+            // "booting slot" line is this boot's when stage 1 got that far.
+            if n.vm().serial().matches("booting slot").count() > usize::from(booted == "a") {
+                assert_eq!(
+                    ran, expect,
+                    "seed {seed}: the boot ran another slot than chosen"
+                );
+            }
+        }
+        booted = "none";
+        if verified_choice(&n, &both, "after a cut during a first boot", seed) == "a" {
+            // the cuts spent all of slot b's tries: a rollback, as designed
+            break;
+        }
+    }
+
+    // The end: the node settles on a verified slot; if the cuts used up slot b's tries it is
+    // back on v1 with slot b failed, and one more install and reboot gets it to v2.
+    let slot = restart(&mut n, "after the last cut");
+    let (st, _) = n.wait_booted_successful(slot, AGENT_LIMIT);
+    if slot == "a" {
+        assert_eq!(Node::slot(&st, "b")["state"], "failed", "{st}");
+        eprintln!("power cuts: the cuts spent slot b's tries; re-installing");
+        installed(&mut n, &p, false, test);
+        reboot_into(&mut n, test, "b");
+    }
+    let st = n.status().unwrap();
+    assert_eq!(st["os_version"], "KeelOS 2.0.0", "{st}");
+    assert_slot_holds(&st, "b", "v2");
+    assert!(cuts >= 5, "{cuts} cuts");
+    eprintln!("power cuts: {cuts} cuts, seed {seed}, the node ends on v2 in slot b");
 }

@@ -5,9 +5,10 @@
 #![allow(dead_code)]
 
 use crate::harness::{self, Vm, VmSpec};
+use crate::server::{self, UpdateServer};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 pub const KEEL_IMAGE: &str = env!("CARGO_BIN_EXE_keel-image");
@@ -21,8 +22,6 @@ pub const OSCTL: &str = env!("CARGO_BIN_EXE_osctl");
 pub struct Releases {
     pub dir: PathBuf,
     pub pki: PathBuf,
-    /// Served to guests by the tests' update server.
-    pub serve: PathBuf,
     /// The node.json every test disk gets.
     pub config: PathBuf,
 }
@@ -38,22 +37,50 @@ fn run_ok(cmd: &mut Command, what: &str) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
-fn build(dir: &Path, name: &str, version: &str, broken: Option<&str>) {
+/// The releases the tests use: (name, version, broken variant, delta from). Every image is
+/// compressed at zstd level 3 (level 19 takes a minute per image and changes no behaviour).
+const RELEASES: &[(&str, &str, Option<&str>, Option<&str>)] = &[
+    ("v1", "1.0.0", None, None),
+    ("v2", "2.0.0", None, Some("v1")),
+    ("v3", "3.0.0", None, Some("v2")),
+    ("bad-agent", "2.0.1-agent-exits", Some("agent-exits"), None),
+    ("bad-hang", "2.0.2-init-hangs", Some("init-hangs"), None),
+    ("bad-panic", "2.0.3-init-panics", Some("init-panics"), None),
+];
+
+fn build(dir: &Path, name: &str) {
     let out = dir.join(name);
     if out.join("release.json").is_file() {
         return;
     }
+    let &(_, version, broken, delta_from) = RELEASES
+        .iter()
+        .find(|r| r.0 == name)
+        .unwrap_or_else(|| panic!("no release {name} in RELEASES"));
+    if let Some(from) = delta_from {
+        build(dir, from);
+    }
+    let t0 = Instant::now();
     let mut c = Command::new(KEEL_IMAGE);
     c.args(["build", "release", "--version", version, "--out"])
         .arg(&out)
         .args(["--init", KEEL_INIT, "--agent", KEEL_AGENT, "--image-dir"])
         .arg(harness::repo().join("image"))
         .arg("--cache")
-        .arg(&harness::cache().dir);
+        .arg(&harness::cache().dir)
+        .args(["--zstd-level", "3"]);
     if let Some(b) = broken {
         c.args(["--broken", b]);
     }
+    if let Some(from) = delta_from {
+        c.arg("--delta-from").arg(dir.join(from));
+    }
     run_ok(&mut c, &format!("keel-image build release {name}"));
+    harness::timing(
+        "releases",
+        &format!("build of release {name}"),
+        t0.elapsed(),
+    );
 }
 
 /// Build (once per process) v1 and the PKI; other releases are built on first use.
@@ -64,9 +91,7 @@ pub fn releases() -> &'static Releases {
         // A fresh set per run: the binaries may have changed since the last one.
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
-        let t0 = Instant::now();
-        build(&dir, "v1", "1.0.0", None);
-        harness::timing("releases", "build of release v1", t0.elapsed());
+        build(&dir, "v1");
         let pki = dir.join("pki");
         run_ok(
             Command::new(OSCTL)
@@ -75,60 +100,107 @@ pub fn releases() -> &'static Releases {
                 .args(["--san", "127.0.0.1", "--san", "localhost"]),
             "osctl gen pki",
         );
-        // Test nodes: QEMU's user network, and a short health window so a boot is marked
-        // successful soon after the agent and containerd are up.
+        // Test nodes: QEMU's user network; a short health window so a boot is marked
+        // successful soon after the agent and containerd are up, and a boot deadline short
+        // enough for the rollback tests (a healthy boot takes about 15 s here).
         let config = dir.join("node.json");
         std::fs::write(
             &config,
             serde_json::to_vec_pretty(&serde_json::json!({
                 "version": 1,
                 "network": {"address": "10.0.2.15/24", "gateway": "10.0.2.2"},
-                "health": {"window_secs": 5},
+                "health": {"window_secs": 5, "boot_deadline_secs": BOOT_DEADLINE_SECS},
+                "watchdog": {"timeout_secs": 30},
             }))
             .unwrap(),
         )
         .unwrap();
-        let serve = dir.join("serve");
-        std::fs::create_dir_all(&serve).unwrap();
-        Releases {
-            dir,
-            pki,
-            serve,
-            config,
-        }
+        Releases { dir, pki, config }
     })
 }
 
+/// The test nodes' boot deadline (node.json health.boot_deadline_secs).
+pub const BOOT_DEADLINE_SECS: u64 = 60;
+/// Stage 1's watchdog timeout on the kernel command line (the hang and panic tests wait for it).
+pub const STAGE1_WATCHDOG_SECS: u64 = 20;
+
 impl Releases {
+    /// A release's directory, built on first use (one build at a time).
     pub fn release(&self, name: &str) -> PathBuf {
+        static BUILD: Mutex<()> = Mutex::new(());
+        let _g = BUILD.lock().unwrap_or_else(|e| e.into_inner());
+        build(&self.dir, name);
         self.dir.join(name)
     }
     pub fn sha256(&self, name: &str) -> String {
         let s = std::fs::read_to_string(self.release(name).join("root.img.sha256")).unwrap();
         s.split_whitespace().next().unwrap().to_string()
     }
+    pub fn version(&self, name: &str) -> &'static str {
+        RELEASES.iter().find(|r| r.0 == name).map(|r| r.1).unwrap()
+    }
+    /// The size of one of a release's files.
+    pub fn size(&self, name: &str, file: &str) -> u64 {
+        std::fs::metadata(self.release(name).join(file))
+            .unwrap()
+            .len()
+    }
 }
 
-/// One node: its disk (slot A holds v1), its VM, and osctl pointed at it.
+/// One node: its disk (slot A holds the release it was built from), its VM, osctl pointed at
+/// it, and its own update server (a real HTTP server on loopback that the guest reaches through
+/// QEMU's guestfwd at 10.0.2.100:8080).
 #[derive(Debug)]
 pub struct Node {
     pub dir: tempfile::TempDir,
     pub disk: PathBuf,
     pub vm: Option<Vm>,
-    pub http_port: Option<u16>,
-    /// Where the serial log has been read up to (a reboot's lines come after it).
-    pub mark: usize,
+    pub server: UpdateServer,
+    /// Extra kernel arguments (after the stage 1 watchdog timeout every node gets).
+    pub append: String,
+}
+
+/// What a node is told to install: the URLs its update server serves and the digest.
+#[derive(Debug, Clone)]
+pub struct Published {
+    pub image: String,
+    pub image_file: String,
+    pub delta: Option<String>,
+    pub delta_file: Option<String>,
+    pub sha256: String,
+    pub version: String,
+}
+
+impl Published {
+    /// `osctl install` arguments (full, or delta with the full image as the fallback).
+    pub fn install_args(&self, delta: bool) -> Vec<String> {
+        let mut a = vec![
+            "install".to_string(),
+            "--image".into(),
+            self.image.clone(),
+            "--sha256".into(),
+            self.sha256.clone(),
+            "--version".into(),
+            self.version.clone(),
+        ];
+        if delta {
+            a.push("--delta".into());
+            a.push(self.delta.clone().expect("this release has no delta"));
+        }
+        a
+    }
 }
 
 impl Node {
-    pub fn new(test: &str, http_port: Option<u16>) -> Node {
+    /// A node whose factory disk holds `base` (a release name) in slot A, marked successful.
+    pub fn new(test: &str, base: &str) -> Node {
         let r = releases();
         let dir = harness::scratch(test);
         let disk = dir.path().join("disk.img");
         run_ok(
             Command::new(KEEL_IMAGE)
                 .args(["build", "disk", "--release"])
-                .arg(r.release("v1"))
+                .arg(r.release(base))
                 .arg("--pki")
                 .arg(&r.pki)
                 .arg("--config")
@@ -137,12 +209,49 @@ impl Node {
                 .arg(&disk),
             "keel-image build disk",
         );
+        let serve = dir.path().join("serve");
+        std::fs::create_dir_all(&serve).unwrap();
+        let server = UpdateServer::start(&serve);
         Node {
             dir,
             disk,
             vm: None,
-            http_port,
-            mark: 0,
+            server,
+            append: String::new(),
+        }
+    }
+
+    /// Put `name`'s compressed image (and its delta, when it has one) on this node's update
+    /// server. `corrupt_delta` flips bytes in the middle of the served delta.
+    pub fn publish(&self, name: &str, corrupt_delta: bool) -> Published {
+        let r = releases();
+        let rel = r.release(name);
+        let image_file = format!("{name}.img.zst");
+        std::fs::copy(rel.join("root.img.zst"), self.server.root.join(&image_file)).unwrap();
+        let delta_src = std::fs::read_dir(&rel)
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| p.extension().is_some_and(|x| x == "bsdiff"));
+        let delta_file = delta_src.map(|src| {
+            let f = format!("{name}.bsdiff");
+            let mut bytes = std::fs::read(&src).unwrap();
+            if corrupt_delta {
+                let (mid, len) = (bytes.len() / 2, bytes.len());
+                for b in &mut bytes[mid..(mid + 16).min(len)] {
+                    *b ^= 0x5a;
+                }
+            }
+            std::fs::write(self.server.root.join(&f), bytes).unwrap();
+            f
+        });
+        Published {
+            image: server::guest_url(&image_file),
+            image_file,
+            delta: delta_file.as_deref().map(server::guest_url),
+            delta_file,
+            sha256: r.sha256(name),
+            version: r.version(name).to_string(),
         }
     }
 
@@ -155,33 +264,41 @@ impl Node {
             kernel: v1.join("vmlinuz"),
             initrd: v1.join("initramfs.img"),
             disk: self.disk.clone(),
-            append: String::new(),
-            http_port: self.http_port,
+            append: format!("keel.watchdog={STAGE1_WATCHDOG_SECS} {}", self.append),
+            http_port: Some(self.server.port),
             serial_log: self.dir.path().join("serial.log"),
         }));
-        self.mark = 0;
     }
 
     pub fn vm(&mut self) -> &mut Vm {
         self.vm.as_mut().expect("the node is not booted")
     }
 
-    /// osctl against this node; Ok(stdout) or Err(stderr).
-    pub fn osctl(&mut self, args: &[&str]) -> Result<String, String> {
+    /// An osctl command pointed at this node's forwarded agent port, with the admin config.
+    pub fn osctl_cmd(&mut self, args: &[&str]) -> Command {
         let port = self.vm().agent_port;
         let r = releases();
-        let o = Command::new(OSCTL)
-            .arg("--config")
+        let mut c = Command::new(OSCTL);
+        c.arg("--config")
             .arg(r.pki.join("osctl.json"))
             .arg("--endpoint")
             .arg(format!("127.0.0.1:{port}"))
-            .args(args)
-            .output()
-            .map_err(|e| e.to_string())?;
+            .args(args);
+        c
+    }
+
+    /// osctl against this node; Ok(stdout) or Err(stderr).
+    pub fn osctl(&mut self, args: &[&str]) -> Result<String, String> {
+        let o = self.osctl_cmd(args).output().map_err(|e| e.to_string())?;
         if o.status.success() {
             Ok(String::from_utf8_lossy(&o.stdout).into_owned())
         } else {
-            Err(String::from_utf8_lossy(&o.stderr).into_owned())
+            Err(format!(
+                "exit {:?}: {}{}",
+                o.status.code(),
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            ))
         }
     }
 
@@ -240,4 +357,78 @@ impl Node {
             .and_then(|a| a.iter().find(|s| s["slot"] == slot))
             .unwrap_or(&serde_json::Value::Null)
     }
+
+    /// `osctl --output json install ...` to its end: the result object (the last one printed).
+    pub fn install(&mut self, p: &Published, delta: bool) -> Result<serde_json::Value, String> {
+        let mut args = vec!["--output".to_string(), "json".into()];
+        args.extend(p.install_args(delta));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = self.osctl(&args)?;
+        // progress objects, then the result object
+        let last = serde_json::Deserializer::from_str(&out)
+            .into_iter::<serde_json::Value>()
+            .last()
+            .ok_or_else(|| format!("no output from osctl install: {out}"))?
+            .map_err(|e| format!("not JSON ({e}): {out}"))?;
+        if last.get("ok").is_none() {
+            return Err(format!("no result in osctl's output: {out}"));
+        }
+        Ok(last)
+    }
+
+    /// `osctl reboot`; returns when the agent has accepted it.
+    pub fn reboot(&mut self) -> Instant {
+        let out = self
+            .osctl(&["reboot"])
+            .unwrap_or_else(|e| panic!("osctl reboot: {e}"));
+        eprintln!("osctl reboot: {}", out.trim());
+        Instant::now()
+    }
+
+    /// Wait until status shows `slot` booted and marked successful.
+    pub fn wait_booted_successful(
+        &mut self,
+        slot: &'static str,
+        limit: Duration,
+    ) -> (serde_json::Value, Duration) {
+        self.wait_status(limit, &format!("slot {slot} booted and successful"), |s| {
+            s["booted_slot"] == slot && Node::slot(s, slot)["successful"] == true
+        })
+    }
+
+    /// How many times `pattern` appears on the serial console since QEMU started.
+    pub fn serial_count(&mut self, pattern: &str) -> usize {
+        self.vm().serial().matches(pattern).count()
+    }
+}
+
+/// What the boot stage will choose on `disk` right now (read without changing the disk), and
+/// proof that it is a verified slot: the slot's record is intact and the slot's bytes hash to
+/// the record's SHA-256. Returns the slot's letter and the record's digest.
+pub fn verified_boot_choice(disk: &Path) -> Result<(&'static str, String), String> {
+    use keelos::block::{read_vec, FileDevice};
+    use sha2::{Digest, Sha256};
+    let dev = FileDevice::open(disk, false).map_err(|e| e.to_string())?;
+    let (layout, flags) = keelos::bootctl::store::load(&dev).map_err(|e| e.to_string())?;
+    let choice = keelos::bootctl::choose_boot(flags).map_err(|e| e.to_string())?;
+    let rec = keelos::update::driver::read_record(&dev, &layout, choice.slot)
+        .map_err(|e| e.to_string())?
+        .ok_or_else(|| format!("slot {} would boot but has no intact record", choice.slot))?;
+    let part = layout.root(choice.slot);
+    let mut h = Sha256::new();
+    let mut at = 0u64;
+    while at < rec.length {
+        let n = (rec.length - at).min(4 << 20) as usize;
+        h.update(read_vec(&dev, part.offset + at, n).map_err(|e| e.to_string())?);
+        at += n as u64;
+    }
+    let got = keelos::update::record::hex(&h.finalize());
+    let want = keelos::update::record::hex(&rec.sha256);
+    if got != want {
+        return Err(format!(
+            "slot {} would boot but its bytes hash to {got}, not its record's {want}",
+            choice.slot
+        ));
+    }
+    Ok((choice.slot.letter(), want))
 }
