@@ -689,7 +689,7 @@ fn hang_in_new_slot_is_reset_by_the_watchdog_and_rolls_back() {
 fn kernel_panic_in_new_slot_is_reset_by_the_watchdog_and_rolls_back() {
     let (_, serial) = broken_update_rolls_back("init-panics", "bad-panic");
     assert_eq!(
-        serial.matches("Kernel panic").count(),
+        serial.matches("---[ end Kernel panic").count(),
         3,
         "one panic per try"
     );
