@@ -120,7 +120,7 @@ pub fn releases() -> &'static Releases {
 }
 
 /// The test nodes' boot deadline (node.json health.boot_deadline_secs).
-pub const BOOT_DEADLINE_SECS: u64 = 45;
+pub const BOOT_DEADLINE_SECS: u64 = 60;
 /// Stage 1's watchdog timeout on the kernel command line (the hang and panic tests wait for it).
 pub const STAGE1_WATCHDOG_SECS: u64 = 20;
 
