@@ -620,7 +620,11 @@ fn delta_update_v2_to_v3_saves_bytes_and_boots_v3() {
 
 /// Boot a v1 node, install `release` (broken) into slot B, reboot into it, and wait until the
 /// node is back on slot A by itself. Returns the status and the serial log.
-fn broken_update_rolls_back(name: &str, release: &str) -> (serde_json::Value, String) {
+fn broken_update_rolls_back(
+    name: &str,
+    release: &str,
+    boots_of_b: usize,
+) -> (serde_json::Value, String) {
     let mut n = Node::new(name, "v1");
     let p = n.publish(release, false);
     boot_to_agent(&mut n, name);
@@ -645,10 +649,9 @@ fn broken_update_rolls_back(name: &str, release: &str) -> (serde_json::Value, St
     assert_slot_holds(&st, "b", release);
     assert_slot_holds(&st, "a", "v1");
     let serial = n.vm().serial();
-    // One boot per try: the default three.
     assert_eq!(
         serial.matches("booting slot b").count(),
-        3,
+        boots_of_b,
         "{}",
         n.vm().tail(60)
     );
@@ -660,7 +663,7 @@ fn broken_update_rolls_back(name: &str, release: &str) -> (serde_json::Value, St
 /// reports the failed attempt (rolled back from that version; slot B failed).
 #[test]
 fn broken_agent_update_runs_out_of_tries_and_rolls_back() {
-    let (_, serial) = broken_update_rolls_back("broken-agent", "bad-agent");
+    let (_, serial) = broken_update_rolls_back("broken-agent", "bad-agent", 3);
     assert!(
         serial.matches("did not become healthy within").count() == 3,
         "keel-init did not log one missed deadline per try"
@@ -679,7 +682,7 @@ fn watchdog_resets(serial: &str) -> usize {
 /// guest, once per try, and the node rolls back to v1.
 #[test]
 fn hang_in_new_slot_is_reset_by_the_watchdog_and_rolls_back() {
-    let (_, serial) = broken_update_rolls_back("init-hangs", "bad-hang");
+    let (_, serial) = broken_update_rolls_back("init-hangs", "bad-hang", 3);
     assert_eq!(watchdog_resets(&serial), 3, "{serial}");
 }
 
@@ -687,13 +690,22 @@ fn hang_in_new_slot_is_reset_by_the_watchdog_and_rolls_back() {
 /// once per try, and the node rolls back to v1.
 #[test]
 fn kernel_panic_in_new_slot_is_reset_by_the_watchdog_and_rolls_back() {
-    let (_, serial) = broken_update_rolls_back("init-panics", "bad-panic");
+    let (_, serial) = broken_update_rolls_back("init-panics", "bad-panic", 3);
     assert_eq!(
         serial.matches("---[ end Kernel panic").count(),
         3,
         "one panic per try"
     );
     assert_eq!(watchdog_resets(&serial), 3, "{serial}");
+}
+
+/// A new slot whose SquashFS is corrupt (its digest is the published one, so the install
+/// verifies it): stage 1 cannot mount it, marks it failed at once (no tries left) and reboots,
+/// and the node is back on v1 after that one boot.
+#[test]
+fn corrupt_squashfs_in_new_slot_is_marked_failed_and_rolls_back() {
+    let (_, serial) = broken_update_rolls_back("corrupt-squashfs", "bad-squashfs", 1);
+    assert!(serial.contains("slot b marked failed"), "{serial}");
 }
 
 /// Test 6: the update server serves a corrupted delta: the install falls back to the full

@@ -46,6 +46,12 @@ const RELEASES: &[(&str, &str, Option<&str>, Option<&str>)] = &[
     ("bad-agent", "2.0.1-agent-exits", Some("agent-exits"), None),
     ("bad-hang", "2.0.2-init-hangs", Some("init-hangs"), None),
     ("bad-panic", "2.0.3-init-panics", Some("init-panics"), None),
+    (
+        "bad-squashfs",
+        "2.0.4-corrupt-squashfs",
+        Some("corrupt-squashfs"),
+        None,
+    ),
 ];
 
 fn build(dir: &Path, name: &str) {
