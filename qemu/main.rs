@@ -327,8 +327,8 @@ fn ext4_cat(disk: &Path, label: &str, path: &str) -> String {
 /// SquashFS and STATE, and hands over to stage 2 from the slot, which starts containerd
 /// (Debian's, with the libraries the build copied), and containerd serves its socket.
 ///
-/// keel-agent is not on this branch yet: a stand-in that exits at once takes its place, so the
-/// node is not expected to become healthy here (that is the full v1 test's job).
+/// A stand-in agent that exits at once takes keel-agent's place here, so the node is not
+/// expected to become healthy (the node tests below boot the real agent).
 #[test]
 fn v1_boots_keel_init_mounts_the_slot_and_starts_containerd() {
     let dir = scratch("keel-init-boot");
