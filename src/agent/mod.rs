@@ -7,7 +7,9 @@
 //! nothing here ever serves plaintext.
 
 pub mod board;
+pub mod client;
 pub mod control;
+pub mod disk;
 pub mod install;
 pub mod roles;
 pub mod service;
