@@ -126,7 +126,7 @@ pub fn pki() -> &'static Pki {
 
 fn noise(seed: u8, len: usize) -> Vec<u8> {
     let mut r = SplitMix(u64::from(seed) << 32);
-    (0..len).map(|_| r.next() as u8).collect()
+    (0..len).map(|_| r.next_u64() as u8).collect()
 }
 
 /// The images and files every scenario serves.
@@ -505,7 +505,7 @@ fn one_install(
 
 /// Links break (per tick) and heal; latency and reordering come from the builder.
 fn flaky_rate(seed: u64) -> f64 {
-    [0.005, 0.01, 0.02][(SplitMix(seed).next() % 3) as usize]
+    [0.005, 0.01, 0.02][(SplitMix(seed).next_u64() % 3) as usize]
 }
 
 /// Flaky node-server links: installs complete by resuming, verified. Every fourth seed
@@ -831,7 +831,10 @@ fn fleet(seed: u64, fault: Fault, cfgs: &[NodeCfg]) -> Result<FleetStats, String
                 let (_, flags) = store::load(&durable).map_err(|e| e.to_string())?;
                 let invalid = flags.get(cp.target).state() == bootctl::SlotState::Invalid;
                 if debug() {
-                    eprintln!("{name} crashed at {:?} with {cp:?}; {flags:?}", sim.elapsed());
+                    eprintln!(
+                        "{name} crashed at {:?} with {cp:?}; {flags:?}",
+                        sim.elapsed()
+                    );
                 }
                 if cp.image_offset > 0 && invalid {
                     let path = cfgs[i].fetch.full_path().to_string();
@@ -914,9 +917,7 @@ fn crash_and_resume() {
         Ok(())
     });
     let (n, p) = (resumed.get(), power_cuts.get());
-    eprintln!(
-        "crash_and_resume: {n} re-issued installs resumed from a checkpoint; {p} power cuts"
-    );
+    eprintln!("crash_and_resume: {n} re-issued installs resumed from a checkpoint; {p} power cuts");
     let enough = seeds(DEFAULT_SEEDS).len() >= 10;
     assert!(
         n > 0 || !enough,
