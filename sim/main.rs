@@ -693,6 +693,8 @@ struct FleetStats {
     resumed: u64,
     /// Hosts that lost power at a disk operation.
     power_cuts: u64,
+    /// Install streams the operator lost (host crashes, broken operator links).
+    streams_lost: u64,
 }
 
 /// One node of a fleet run: what it installs and what befalls its host.
@@ -703,7 +705,10 @@ struct NodeCfg {
     crashes: Vec<Duration>,
     /// At this instant, the power is cut after this many more disk writes and flushes.
     power_cut: Option<(Duration, u64)>,
+    /// The node-server link breaks at this rate.
     fail_rate: f64,
+    /// The operator-node link (the gRPC connection) breaks at this rate.
+    operator_fail_rate: f64,
 }
 
 impl NodeCfg {
@@ -722,6 +727,7 @@ impl NodeCfg {
             power_cut: (rng.below(crash_one_in) == 0)
                 .then(|| (Duration::from_millis(rng.below(300)), rng.below(60))),
             fail_rate: [0.0, 0.005, 0.01][rng.below(3) as usize],
+            operator_fail_rate: [0.0, 0.002, 0.005][rng.below(3) as usize],
         }
     }
 }
@@ -768,6 +774,11 @@ fn fleet(seed: u64, fault: Fault, cfgs: &[NodeCfg]) -> Result<FleetStats, String
         }
         Ok(())
     });
+    for (n, cfg) in nodes.iter().zip(cfgs) {
+        if cfg.operator_fail_rate > 0.0 {
+            sim.set_link_fail_rate(n.name.as_str(), "operator", cfg.operator_fail_rate);
+        }
+    }
     let mut pending: Vec<(Duration, usize, Option<u64>)> = cfgs
         .iter()
         .enumerate()
@@ -851,9 +862,11 @@ fn fleet(seed: u64, fault: Fault, cfgs: &[NodeCfg]) -> Result<FleetStats, String
         }
     }
     let outs = outs.borrow_mut().drain(..).collect::<Vec<_>>();
+    let mut streams_lost = 0;
     for (i, (node, out)) in nodes.iter().zip(outs).enumerate() {
         let name = &node.name;
         let out = out.ok_or("the operator never finished")??;
+        streams_lost += u64::from(out.streams_lost);
         if debug() {
             eprintln!("{name}: {:?} after {} issues", out.result, out.issues);
         }
@@ -884,6 +897,7 @@ fn fleet(seed: u64, fault: Fault, cfgs: &[NodeCfg]) -> Result<FleetStats, String
     Ok(FleetStats {
         resumed,
         power_cuts,
+        streams_lost,
     })
 }
 
@@ -910,6 +924,7 @@ fn crash_and_resume() {
             crashes,
             power_cut,
             fail_rate: 0.0,
+            operator_fail_rate: 0.0,
         };
         let st = fleet(seed, Fault::None, &[cfg])?;
         resumed.set(resumed.get() + st.resumed);
@@ -931,6 +946,7 @@ fn crash_and_resume() {
 
 #[test]
 fn fleet_with_random_faults() {
+    let lost = std::cell::Cell::new(0u64);
     each_seed("fleet_with_random_faults", DEFAULT_SEEDS / 3, |seed| {
         let mut rng = SplitMix(seed);
         let fault = [Fault::None, Fault::CorruptDelta, Fault::Every2nd500][rng.below(3) as usize];
@@ -938,8 +954,18 @@ fn fleet_with_random_faults() {
         if debug() {
             eprintln!("{seed}: {fault:?} {cfgs:?}");
         }
-        fleet(seed, fault, &cfgs).map(drop)
+        let st = fleet(seed, fault, &cfgs)?;
+        lost.set(lost.get() + st.streams_lost);
+        Ok(())
     });
+    eprintln!(
+        "fleet_with_random_faults: the operator lost {} install streams",
+        lost.get()
+    );
+    assert!(
+        lost.get() > 0 || seeds(DEFAULT_SEEDS).len() < 10,
+        "the operator never lost a stream: crashes and operator-link faults never landed"
+    );
 }
 
 /// Two operators through the API: the first starts an install and disconnects mid-stream; the
@@ -1040,6 +1066,7 @@ fn operators_disconnect_and_race() {
             result: u.result.clone(),
             status,
             issues: 1,
+            streams_lost: 0,
         };
         // The install succeeds unless the flaky link beat fetch's retry budget, in which case
         // it says to re-run it (and check_outcome sees the node still on its slot).

@@ -159,6 +159,8 @@ pub struct Outcome {
     /// Status after the last install.
     pub status: proto::StatusReply,
     pub issues: u32,
+    /// Install streams that ended without a result (the connection or the node was lost).
+    pub streams_lost: u32,
 }
 
 /// Install `spec` on `node` through the API, issuing it up to `max_issues` times (after a lost
@@ -168,14 +170,16 @@ pub async fn install(node: &str, spec: &Spec, max_issues: u32) -> Result<Outcome
     let mut conn = Conn::new(node);
     let mut result = None;
     let mut issues = 0;
+    let mut streams_lost = 0;
     while issues < max_issues {
         issues += 1;
         result = None;
         match conn.start(spec).await {
             Ok(mut stream) => {
-                follow(&mut stream, None)
+                let r = follow(&mut stream, None)
                     .await
                     .map_err(|e| format!("{node}: {e}"))?;
+                streams_lost += u32::from(r.is_none());
             }
             // Our own earlier request whose answer was lost: follow it through Status.
             Err(st) if st.code() == Code::FailedPrecondition => {
@@ -205,5 +209,6 @@ pub async fn install(node: &str, spec: &Spec, max_issues: u32) -> Result<Outcome
         result,
         status,
         issues,
+        streams_lost,
     })
 }
