@@ -4,8 +4,8 @@
 //! ([`roles`]), the shared update state ([`board`]), how the boot disk is reached ([`disk`]),
 //! and the handlers ([`service`]) that translate between protobuf messages and the core
 //! (bootctl, the update engine, keel-init's control interface); and the client side that osctl
-//! and the simulation share ([`client`]). Handlers never implement install or boot-flag logic themselves, and
-//! nothing here ever serves plaintext.
+//! and the simulation share ([`client`]). Handlers never implement install or boot-flag logic
+//! themselves, and nothing here ever serves plaintext.
 
 pub mod board;
 pub mod client;
