@@ -83,12 +83,45 @@ fn debug() -> bool {
 
 /// The simulation's PKI, made once per test process by the production code (`pki::generate`):
 /// the agents' certificate names every host, the update server's https uses the same one.
+/// TLS configurations are built afresh for each agent, server and client: a shared one would
+/// carry TLS session caches from seed to seed and from test thread to test thread, and a seed
+/// would no longer replay alike.
 #[derive(Debug)]
 pub struct Pki {
+    pub dir: PathBuf,
     pub ca: PathBuf,
-    pub agent_tls: Arc<rustls::ServerConfig>,
-    pub server_tls: Arc<rustls::ServerConfig>,
-    pub admin_tls: Arc<rustls::ClientConfig>,
+}
+
+impl Pki {
+    /// The agent's (keel-agent's production configuration: mutual TLS).
+    pub fn agent_tls(&self) -> Arc<rustls::ServerConfig> {
+        keelos::agent::tls::server_config(&self.dir).expect("the agent's TLS config")
+    }
+
+    /// The update server's https: the agent's certificate, no client certificates.
+    pub fn server_tls(&self) -> Arc<rustls::ServerConfig> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let cfg = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(
+                keelos::pki::load_certs(&self.dir.join(keelos::pki::AGENT_CERT)).unwrap(),
+                keelos::pki::load_key(&self.dir.join(keelos::pki::AGENT_KEY)).unwrap(),
+            )
+            .expect("the update server's TLS config");
+        Arc::new(cfg)
+    }
+
+    /// The operators' (osctl's admin certificate).
+    pub fn admin_tls(&self) -> Arc<rustls::ClientConfig> {
+        keelos::agent::tls::client_config(
+            &self.ca,
+            &self.dir.join("admin.crt"),
+            &self.dir.join("admin.key"),
+        )
+        .expect("the admin's TLS config")
+    }
 }
 
 pub fn pki() -> &'static Pki {
@@ -101,26 +134,7 @@ pub fn pki() -> &'static Pki {
         sans.extend((0..8).map(|i| format!("node{i}")));
         keelos::pki::generate(&dir, &sans, None).expect("generating the simulation's PKI");
         let ca = dir.join(keelos::pki::CA_CERT);
-        let agent_tls = keelos::agent::tls::server_config(&dir).expect("the agent's TLS config");
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let server_tls = rustls::ServerConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_no_client_auth()
-            .with_single_cert(
-                keelos::pki::load_certs(&dir.join(keelos::pki::AGENT_CERT)).unwrap(),
-                keelos::pki::load_key(&dir.join(keelos::pki::AGENT_KEY)).unwrap(),
-            )
-            .expect("the update server's TLS config");
-        let admin_tls =
-            keelos::agent::tls::client_config(&ca, &dir.join("admin.crt"), &dir.join("admin.key"))
-                .expect("the admin's TLS config");
-        Pki {
-            ca,
-            agent_tls,
-            server_tls: Arc::new(server_tls),
-            admin_tls,
-        }
+        Pki { dir, ca }
     })
 }
 

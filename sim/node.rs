@@ -315,7 +315,7 @@ impl Node {
         service::serve(
             agent,
             SimListener(listener),
-            crate::pki().agent_tls.clone(),
+            crate::pki().agent_tls(),
             std::future::pending(),
         )
         .await?;

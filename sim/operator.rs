@@ -21,7 +21,7 @@ pub fn client(node: &str) -> Client<SimConnect> {
         SimConnect,
         &format!("{node}:{AGENT_PORT}"),
         node,
-        crate::pki().admin_tls.clone(),
+        crate::pki().admin_tls(),
     )
     .expect("node names are valid TLS server names")
 }

@@ -178,7 +178,7 @@ pub async fn serve(server: Arc<Server>) -> turmoil::Result {
     let https = turmoil::net::TcpListener::bind("0.0.0.0:443").await?;
     let s2 = server.clone();
     tokio::task::spawn_local(async move {
-        let tls = tokio_rustls::TlsAcceptor::from(crate::pki().server_tls.clone());
+        let tls = tokio_rustls::TlsAcceptor::from(crate::pki().server_tls());
         while let Ok((stream, peer)) = https.accept().await {
             let (server, tls) = (s2.clone(), tls.clone());
             tokio::task::spawn_local(async move {
