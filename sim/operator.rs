@@ -146,7 +146,12 @@ pub async fn follow(
                 }
                 last = Some((p.phase, p.bytes_done));
             }
-            InstallEvent::Result(r) => return Ok(Some(r)),
+            InstallEvent::Result(r) => {
+                // Read on to the stream's end, as osctl does: dropping it earlier resets it,
+                // and h2 times reset streams out on the real clock, not the simulated one.
+                while let Ok(Ok(Some(_))) = tokio::time::timeout(CALL, stream.next()).await {}
+                return Ok(Some(r));
+            }
         }
     }
 }
@@ -179,7 +184,12 @@ pub async fn install(node: &str, spec: &Spec, max_issues: u32) -> Result<Outcome
                 let r = follow(&mut stream, None)
                     .await
                     .map_err(|e| format!("{node}: {e}"))?;
-                streams_lost += u32::from(r.is_none());
+                if r.is_none() {
+                    // A lost stream: the next calls go over a new connection (the old one
+                    // may be dead, and it holds a reset stream).
+                    streams_lost += 1;
+                    conn.client = None;
+                }
             }
             // Our own earlier request whose answer was lost: follow it through Status.
             Err(st) if st.code() == Code::FailedPrecondition => {
