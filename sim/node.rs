@@ -1,12 +1,15 @@
 //! A node of the simulation: a crash-model disk (CrashDevice) seen through [`Watched`], which
 //! checks the invariants on every write and flush, the checkpoint store (STATE's file, kept in
-//! memory: its put is atomic and durable like the file's rename + fsync), the update board, and
-//! the agent's install driver (`keelos::agent::install::run_on`) downloading with
-//! `keelos::fetch` over turmoil TCP.
+//! memory: its put is atomic and durable like the file's rename + fsync), and the real agent
+//! (`keelos::agent::service::Agent`, the gRPC service over mutual TLS) on a turmoil host, its
+//! disk reached through [`SimDisk`] and its downloads made by `keelos::fetch` over turmoil TCP.
 
-use keelos::agent::board::Board;
+use keelos::agent::board::Ticket;
+use keelos::agent::control::Unavailable;
+use keelos::agent::disk::NodeDisk;
 use keelos::agent::install::{self, Job};
-use keelos::agent::service::InstallView;
+use keelos::agent::service::{self, Agent, AgentConfig, InstallView};
+use keelos::agent::tls::Listener;
 use keelos::block::{BlockDevice, BlockError, CrashDevice};
 use keelos::bootctl::{store, Slot};
 use keelos::disk::{self, Partition};
@@ -14,11 +17,18 @@ use keelos::fetch::{Connect, ConnectFuture, Fetcher, Policy};
 use keelos::update::checkpoint::{CheckpointStore, MemStore};
 use keelos::update::{driver, record};
 use sha2::{Digest, Sha256};
-use std::cell::RefCell;
 use std::collections::HashSet;
-use std::rc::Rc;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
+use tonic::Status;
+
+/// The agent's port.
+pub const AGENT_PORT: u16 = 50051;
+
+/// Lock, ignoring poisoning (a failing seed panics; the next seed starts afresh).
+pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
 
 /// fetch's connector on turmoil's network.
 #[derive(Debug, Clone, Copy)]
@@ -43,15 +53,26 @@ pub fn policy() -> Policy {
     }
 }
 
+/// The agent's downloader: https trusts the simulation's CA bundle (as keel-agent --fetch-ca).
 pub fn fetcher() -> Fetcher<SimConnect> {
-    // Plain http in the simulation: the TLS configuration is never used.
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let tls = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .expect("ring supports the default protocol versions")
-        .with_root_certificates(rustls::RootCertStore::empty())
-        .with_no_client_auth();
-    Fetcher::new(SimConnect, Arc::new(tls), policy())
+    let tls = keelos::fetch::tls_with_ca_bundle(&crate::pki().ca).expect("the CA bundle loads");
+    Fetcher::new(SimConnect, tls, policy())
+}
+
+/// The agent's listener on turmoil's network.
+pub struct SimListener(pub turmoil::net::TcpListener);
+
+impl std::fmt::Debug for SimListener {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SimListener")
+    }
+}
+
+impl Listener for SimListener {
+    type Stream = turmoil::net::TcpStream;
+    async fn accept(&self) -> std::io::Result<(turmoil::net::TcpStream, std::net::SocketAddr)> {
+        self.0.accept().await
+    }
 }
 
 pub fn sha(b: &[u8]) -> String {
@@ -73,38 +94,41 @@ pub struct Watch {
 /// The node's disk as the production code sees it.
 #[derive(Debug, Clone)]
 pub struct Watched {
-    pub disk: Rc<RefCell<CrashDevice>>,
-    pub watch: Rc<RefCell<Watch>>,
+    pub disk: Arc<Mutex<CrashDevice>>,
+    pub watch: Arc<Mutex<Watch>>,
 }
 
 impl BlockDevice for Watched {
     fn sector_size(&self) -> u64 {
-        self.disk.borrow().sector_size()
+        lock(&self.disk).sector_size()
     }
     fn len(&self) -> u64 {
-        self.disk.borrow().len()
+        lock(&self.disk).len()
     }
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), BlockError> {
-        self.disk.borrow().read_at(offset, buf)
+        lock(&self.disk).read_at(offset, buf)
     }
     fn write_at(&mut self, offset: u64, data: &[u8]) -> Result<(), BlockError> {
         // Invariant: the running slot's bytes never change.
-        if let Some((slot, p, _)) = &self.watch.borrow().running {
+        let mut w = lock(&self.watch);
+        if let Some((slot, p, _)) = &w.running {
             let end = offset + data.len() as u64;
             if offset < p.offset + p.len && p.offset < end {
-                self.watch.borrow_mut().violations.push(format!(
-                    "a write at {offset}..{end} touches the running slot {slot:?}"
-                ));
+                let v = format!("a write at {offset}..{end} touches the running slot {slot:?}");
+                w.violations.push(v);
             }
         }
-        self.disk.borrow_mut().write_at(offset, data)
+        drop(w);
+        lock(&self.disk).write_at(offset, data)
     }
     fn flush(&mut self) -> Result<(), BlockError> {
-        let r = self.disk.borrow_mut().flush();
+        let d = &mut *lock(&self.disk);
+        let r = d.flush();
         if r.is_ok() {
-            self.watch.borrow_mut().flushes += 1;
-            let v = check_disk(&self.disk.borrow(), &self.watch.borrow());
-            self.watch.borrow_mut().violations.extend(v);
+            let mut w = lock(&self.watch);
+            w.flushes += 1;
+            let v = check_disk(d, &w);
+            w.violations.extend(v);
         }
         r
     }
@@ -166,52 +190,83 @@ pub fn slot_image<D: BlockDevice>(
     Ok((digest, rec.version))
 }
 
-/// A node: its disk, its STATE checkpoint and its update board survive host crashes (the
-/// board is rebuilt by the scenario when the agent restarts).
+/// A node: its disk and its STATE checkpoint survive host crashes; the agent (and its update
+/// board) is started afresh by each incarnation of the host.
 #[derive(Debug, Clone)]
 pub struct Node {
     pub name: String,
     pub dev: Watched,
-    pub store: Rc<RefCell<MemStore>>,
-    pub board: Board<InstallView>,
+    pub store: Arc<Mutex<MemStore>>,
 }
 
 /// The checkpoint store shared between the node's incarnations.
 #[derive(Debug)]
-pub struct SharedStore(pub Rc<RefCell<MemStore>>);
+pub struct SharedStore(pub Arc<Mutex<MemStore>>);
 
 impl CheckpointStore for SharedStore {
     fn get(&self) -> Result<Option<Vec<u8>>, String> {
-        self.0.borrow().get()
+        lock(&self.0).get()
     }
     fn put(&mut self, bytes: &[u8]) -> Result<(), String> {
-        self.0.borrow_mut().put(bytes)
+        lock(&self.0).put(bytes)
     }
     fn clear(&mut self) -> Result<(), String> {
-        self.0.borrow_mut().clear()
+        lock(&self.0).clear()
     }
 }
 
 /// Checkpoint size used by the simulation (the images are small).
 pub const CHECKPOINT_EVERY: u64 = 32 * 1024;
 
+/// The agent's view of the node's disk: the crash-model disk, reached inline (turmoil's hosts
+/// are single-threaded; nothing here blocks), installs run by the agent's own driver
+/// (`install::run_on`) on a task of the host.
+#[derive(Debug, Clone)]
+pub struct SimDisk {
+    pub dev: Watched,
+    pub store: Arc<Mutex<MemStore>>,
+}
+
+impl NodeDisk for SimDisk {
+    type Dev = Watched;
+
+    async fn with_dev<T, F>(&self, _write: bool, f: F) -> Result<T, Status>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Watched) -> Result<T, Status> + Send + 'static,
+    {
+        f(&mut self.dev.clone())
+    }
+
+    fn spawn_install<C: Connect>(
+        &self,
+        job: Job,
+        fetcher: Fetcher<C>,
+        ticket: Ticket<InstallView>,
+    ) {
+        let (mut dev, mut store) = (self.dev.clone(), SharedStore(self.store.clone()));
+        tokio::spawn(async move {
+            install::run_on(job, fetcher, ticket, &mut dev, &mut store, CHECKPOINT_EVERY).await;
+        });
+    }
+}
+
 impl Node {
     pub fn new(name: &str, disk: CrashDevice) -> Self {
         Node {
             name: name.into(),
             dev: Watched {
-                disk: Rc::new(RefCell::new(disk)),
-                watch: Rc::new(RefCell::new(Watch::default())),
+                disk: Arc::new(Mutex::new(disk)),
+                watch: Arc::new(Mutex::new(Watch::default())),
             },
-            store: Rc::new(RefCell::new(MemStore::default())),
-            board: Board::new(),
+            store: Arc::new(Mutex::new(MemStore::default())),
         }
     }
 
     /// The node comes up: the boot stage's choice (as keel-init runs it), then the agent's view
     /// of the running slot (the known-good one, as on a host-side agent). Checks that the boot
     /// choice is a verified slot. Returns the running slot.
-    pub fn boot(&mut self) -> Result<Option<Slot>, String> {
+    pub fn boot(&self) -> Result<Option<Slot>, String> {
         let mut dev = self.dev.clone();
         let (layout, choice) =
             store::boot(&mut dev).map_err(|e| format!("{}: boot choice failed: {e}", self.name))?;
@@ -223,58 +278,47 @@ impl Node {
         })?;
         let (layout, flags) = store::load(&dev).map_err(|e| e.to_string())?;
         let running = driver::running_slot(flags);
-        let mut w = self.dev.watch.borrow_mut();
-        w.running = running.map(|s| {
+        let hash = running.map(|s| {
             let p = layout.root(s).clone();
-            let h = sha(&self.dev.disk.borrow().durable_range(p.offset, p.len));
+            let h = sha(&lock(&self.dev.disk).durable_range(p.offset, p.len));
             (s, p, h)
         });
+        lock(&self.dev.watch).running = hash;
         Ok(running)
     }
 
-    /// Run one install through the agent's driver, to its end, publishing on the board.
-    pub async fn install(
-        &self,
-        running: Option<Slot>,
-        spec: &Spec,
-        id: &str,
-    ) -> Result<(), String> {
-        let ticket = self
-            .board
-            .try_begin(
-                id.into(),
-                InstallView {
-                    version: spec.version.clone(),
-                    sha256: spec.sha256.clone(),
-                    ..Default::default()
-                },
-            )
-            .map_err(|b| format!("busy: {}", b.running))?;
-        self.dev
-            .watch
-            .borrow_mut()
-            .allowed
-            .insert(spec.sha256.clone());
-        let job = Job {
-            disk: "/sim/disk".into(),
-            state_dir: "/sim/state".into(),
-            running,
-            full_url: spec.full_url.clone(),
-            delta_url: spec.delta_url.clone(),
-            sha256: spec.sha256.clone(),
-            version: spec.version.clone(),
+    /// One incarnation of the node's host: boot, then serve the real agent over mutual TLS on
+    /// turmoil until the host crashes. A failed boot choice is recorded as a violation.
+    pub async fn serve(self) -> turmoil::Result {
+        let running = match self.boot() {
+            Ok(r) => r,
+            Err(e) => {
+                lock(&self.dev.watch).violations.push(e);
+                return Ok(());
+            }
         };
-        let mut dev = self.dev.clone();
-        let mut store = SharedStore(self.store.clone());
-        install::run_on(
-            job,
+        let agent = Agent::with_disk(
+            AgentConfig {
+                disk: "/sim/disk".into(),
+                state_dir: "/sim/state".into(),
+                booted: running,
+                fetch_ca: Some(crate::pki().ca.clone()),
+            },
+            SimDisk {
+                dev: self.dev.clone(),
+                store: self.store.clone(),
+            },
             fetcher(),
-            ticket,
-            &mut dev,
-            &mut store,
-            CHECKPOINT_EVERY,
+            Arc::new(Unavailable),
+        );
+        let listener = turmoil::net::TcpListener::bind(("0.0.0.0", AGENT_PORT)).await?;
+        service::serve(
+            agent,
+            SimListener(listener),
+            crate::pki().agent_tls(),
+            std::future::pending(),
         )
-        .await;
+        .await?;
         Ok(())
     }
 }

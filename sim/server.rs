@@ -1,7 +1,10 @@
 //! The update server host: hyper's HTTP/1 server on a turmoil TcpListener, serving files from
 //! memory with Range support. Faults are expressed by what the scenario puts at each path
-//! (a corrupted delta, a delta for another base, a truncated file, the wrong image) and by
-//! `fail_every_other` (a 500 on every other request).
+//! (a corrupted delta, a delta for another base, a truncated file, the wrong image), by
+//! `fail_every_other` (a 500 on every other request) and by `lengthless` (no Content-Length and
+//! no total in Content-Range, and every answer that carries a file's last byte cut right after
+//! it, so the client resumes at the end and gets 416 `bytes */LEN`). Served over http (port 80)
+//! and https (port 443, rustls with a certificate of the simulation's CA).
 
 use bytes::Bytes;
 use http_body_util::{combinators::BoxBody, BodyExt, Full, StreamBody};
@@ -11,6 +14,7 @@ use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use std::collections::HashMap;
 use std::convert::Infallible;
+use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -30,6 +34,7 @@ pub struct Seen {
 pub struct Server {
     pub files: HashMap<String, Vec<u8>>,
     pub fail_every_other: bool,
+    pub lengthless: bool,
     count: AtomicU64,
     pub log: Mutex<Vec<Seen>>,
 }
@@ -39,6 +44,7 @@ impl Server {
         Server {
             files,
             fail_every_other,
+            lengthless: false,
             count: AtomicU64::new(0),
             log: Mutex::new(Vec::new()),
         }
@@ -57,7 +63,7 @@ impl Server {
             .and_then(|v| v.to_str().ok())
             .and_then(parse_range);
         let status = |s: StatusCode| {
-            let mut r = Response::new(Full::new(Bytes::new()).boxed());
+            let mut r = Response::new(Full::new(Bytes::new()).map_err(|e| match e {}).boxed());
             *r.status_mut() = s;
             r
         };
@@ -68,7 +74,10 @@ impl Server {
                 path: path.clone(),
                 from: range.map_or(0, |r| r.0),
                 peer: peer.to_string(),
-                size_answered: probe && !failed && self.files.contains_key(&path),
+                size_answered: probe
+                    && !failed
+                    && !self.lengthless
+                    && self.files.contains_key(&path),
             });
         }
         if failed {
@@ -78,26 +87,40 @@ impl Server {
             return status(StatusCode::NOT_FOUND);
         };
         let len = file.len() as u64;
+        let lengthless = self.lengthless;
         match range {
             None => {
-                let mut r = Response::new(paced(Bytes::copy_from_slice(file)));
-                r.headers_mut().insert(
-                    hyper::header::CONTENT_LENGTH,
-                    hyper::header::HeaderValue::from(len),
-                );
+                let mut r = Response::new(paced(Bytes::copy_from_slice(file), lengthless));
+                if !lengthless {
+                    r.headers_mut().insert(
+                        hyper::header::CONTENT_LENGTH,
+                        hyper::header::HeaderValue::from(len),
+                    );
+                }
                 r
             }
-            Some((from, _)) if from >= len => status(StatusCode::RANGE_NOT_SATISFIABLE),
+            Some((from, _)) if from >= len => {
+                let mut r = status(StatusCode::RANGE_NOT_SATISFIABLE);
+                if let Ok(v) = format!("bytes */{len}").parse() {
+                    r.headers_mut().insert(hyper::header::CONTENT_RANGE, v);
+                }
+                r
+            }
             Some((from, to)) => {
                 let to = to.unwrap_or(len - 1).min(len - 1);
                 let body = Bytes::copy_from_slice(&file[from as usize..=to as usize]);
-                let mut r = Response::new(paced(body));
-                r.headers_mut().insert(
-                    hyper::header::CONTENT_LENGTH,
-                    hyper::header::HeaderValue::from(to + 1 - from),
-                );
+                let mut r = Response::new(paced(body, lengthless && to == len - 1));
+                let total = if lengthless {
+                    "*".to_string()
+                } else {
+                    r.headers_mut().insert(
+                        hyper::header::CONTENT_LENGTH,
+                        hyper::header::HeaderValue::from(to + 1 - from),
+                    );
+                    len.to_string()
+                };
                 *r.status_mut() = StatusCode::PARTIAL_CONTENT;
-                if let Ok(v) = format!("bytes {from}-{to}/{len}").parse() {
+                if let Ok(v) = format!("bytes {from}-{to}/{total}").parse() {
                     r.headers_mut().insert(hyper::header::CONTENT_RANGE, v);
                 }
                 r
@@ -106,15 +129,17 @@ impl Server {
     }
 }
 
-type Body = BoxBody<Bytes, Infallible>;
+type Body = BoxBody<Bytes, io::Error>;
 
 /// The server's bandwidth: a chunk per pause, so a download spans many simulated ticks and the
 /// network's faults land mid-body.
 const CHUNK: usize = 4096;
 const PAUSE: Duration = Duration::from_millis(5);
 
-fn paced(data: Bytes) -> Body {
-    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, Infallible>>(1);
+/// `data` sent a chunk per pause; with `cut_at_end` the body fails right after its last byte
+/// (hyper then closes the connection without ending the body).
+fn paced(data: Bytes, cut_at_end: bool) -> Body {
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, io::Error>>(1);
     tokio::task::spawn_local(async move {
         let mut at = 0;
         while at < data.len() {
@@ -124,6 +149,11 @@ fn paced(data: Bytes) -> Body {
             }
             at = end;
             tokio::time::sleep(PAUSE).await;
+        }
+        if cut_at_end {
+            let _ = tx
+                .send(Err(io::Error::other("cut after the last byte")))
+                .await;
         }
     });
     StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx)).boxed()
@@ -141,22 +171,39 @@ fn parse_range(v: &str) -> Option<(u64, Option<u64>)> {
     Some((a, b))
 }
 
-/// Serve `server` on port 80 of the current turmoil host until the simulation ends.
+/// Serve `server` on ports 80 (http) and 443 (https) of the current turmoil host until the
+/// simulation ends.
 pub async fn serve(server: Arc<Server>) -> turmoil::Result {
-    let listener = turmoil::net::TcpListener::bind("0.0.0.0:80").await?;
-    loop {
-        let (stream, peer) = listener.accept().await?;
-        let peer = peer.ip().to_string();
-        let server = server.clone();
-        tokio::task::spawn_local(async move {
-            let svc = service_fn(move |req| {
-                let r = server.answer(&req, &peer);
-                async move { Ok::<_, Infallible>(r) }
+    let http = turmoil::net::TcpListener::bind("0.0.0.0:80").await?;
+    let https = turmoil::net::TcpListener::bind("0.0.0.0:443").await?;
+    let s2 = server.clone();
+    tokio::task::spawn_local(async move {
+        let tls = tokio_rustls::TlsAcceptor::from(crate::pki().server_tls());
+        while let Ok((stream, peer)) = https.accept().await {
+            let (server, tls) = (s2.clone(), tls.clone());
+            tokio::task::spawn_local(async move {
+                if let Ok(stream) = tls.accept(stream).await {
+                    connection(server, stream, peer.ip().to_string()).await;
+                }
             });
-            // A connection the network breaks ends here; the client resumes with Range.
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), svc)
-                .await;
-        });
+        }
+    });
+    loop {
+        let (stream, peer) = http.accept().await?;
+        tokio::task::spawn_local(connection(server.clone(), stream, peer.ip().to_string()));
     }
+}
+
+async fn connection<S>(server: Arc<Server>, stream: S, peer: String)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + 'static,
+{
+    let svc = service_fn(move |req| {
+        let r = server.answer(&req, &peer);
+        async move { Ok::<_, Infallible>(r) }
+    });
+    // A connection the network breaks ends here; the client resumes with Range.
+    let _ = hyper::server::conn::http1::Builder::new()
+        .serve_connection(TokioIo::new(stream), svc)
+        .await;
 }

@@ -243,3 +243,95 @@ async fn https_downloads_verify_the_server_against_the_ca_bundle() {
     let err = fetch_all(&f, &url, 0).await.unwrap_err();
     assert!(err.to_string().contains("TLS"), "{err}");
 }
+
+/// A hyper server whose full answer has no Content-Length and is cut right after its last byte
+/// (the body ends in an error, so the terminating chunk never comes); a Range request at or past
+/// the end gets 416 with `Content-Range: bytes */CLAIMED`.
+async fn lengthless_cut_server(
+    data: Vec<u8>,
+    claimed: u64,
+) -> (String, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+    use bytes::Bytes;
+    use http_body_util::{BodyExt, StreamBody};
+    use hyper::body::Frame;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let ranges = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = ranges.clone();
+    let data = Bytes::from(data);
+    tokio::spawn(async move {
+        loop {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let (data, seen) = (data.clone(), seen.clone());
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req: hyper::Request<_>| {
+                    let range = req
+                        .headers()
+                        .get(hyper::header::RANGE)
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("")
+                        .to_string();
+                    seen.lock().unwrap().push(range.clone());
+                    let data = data.clone();
+                    async move {
+                        type B = http_body_util::combinators::BoxBody<Bytes, std::io::Error>;
+                        let mut r: hyper::Response<B> = if range.is_empty() {
+                            let (tx, rx) = tokio::sync::mpsc::channel(4);
+                            tokio::spawn(async move {
+                                let half = data.len() / 2;
+                                let _ = tx.send(Ok(Frame::data(data.slice(..half)))).await;
+                                let _ = tx.send(Ok(Frame::data(data.slice(half..)))).await;
+                                // Let hyper flush the last byte, then fail the body: the
+                                // connection closes without the terminating chunk.
+                                tokio::time::sleep(Duration::from_millis(100)).await;
+                                let _ = tx.send(Err(std::io::Error::other("cut"))).await;
+                            });
+                            let body = tokio_stream::wrappers::ReceiverStream::new(rx);
+                            hyper::Response::new(StreamBody::new(body).boxed())
+                        } else {
+                            let mut r = hyper::Response::new(
+                                http_body_util::Empty::new()
+                                    .map_err(|never| match never {})
+                                    .boxed(),
+                            );
+                            *r.status_mut() = hyper::StatusCode::RANGE_NOT_SATISFIABLE;
+                            r.headers_mut().insert(
+                                hyper::header::CONTENT_RANGE,
+                                format!("bytes */{claimed}").parse().unwrap(),
+                            );
+                            r
+                        };
+                        r.headers_mut().remove(hyper::header::CONTENT_LENGTH);
+                        Ok::<_, std::convert::Infallible>(r)
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
+                    .await;
+            });
+        }
+    });
+    (format!("http://{addr}/img"), ranges)
+}
+
+/// Found by review of the 416 handling: a length-less body cut right after its last byte
+/// resumes with a Range at the end; the server's 416 `bytes */LEN` with LEN the bytes received
+/// means the download is complete, not failed.
+#[tokio::test]
+async fn a_lengthless_body_cut_after_its_last_byte_completes_on_416() {
+    let data = image(5, 200_000);
+    let (url, ranges) = lengthless_cut_server(data.clone(), data.len() as u64).await;
+    let (got, reconnects) = fetch_all(&fetcher(), &url, 0).await.unwrap();
+    assert_eq!(sha(&got), sha(&data));
+    assert_eq!(reconnects, 1);
+    assert_eq!(
+        *ranges.lock().unwrap(),
+        vec![String::new(), format!("bytes={}-", data.len())]
+    );
+    // A 416 naming another length is a failure, not a completion.
+    let (url, _) = lengthless_cut_server(data.clone(), data.len() as u64 + 10).await;
+    match fetch_all(&fetcher(), &url, 0).await {
+        Err(FetchError::Status { status: 416, .. }) => {}
+        other => panic!("{:?}", other.map(|x| x.0.len())),
+    }
+}

@@ -19,7 +19,7 @@ use crate::update::engine::{Action, Event, Install, IO_CHUNK};
 use crate::update::{FullImage, Input, Phase, Progress, Report, DEFAULT_CHECKPOINT_EVERY};
 use bytes::Bytes;
 use std::path::PathBuf;
-use std::time::Instant;
+use tokio::time::Instant;
 
 /// One install as the agent received it (already validated).
 #[derive(Debug, Clone)]
@@ -132,9 +132,9 @@ pub async fn install_on<C: Connect, D: BlockDevice + ?Sized>(
     fetcher: Fetcher<C>,
     fetch_size: Option<u64>,
     dev: &mut D,
-    store: &mut dyn CheckpointStore,
+    store: &mut (dyn CheckpointStore + Send),
     checkpoint_every: u64,
-    on_progress: &mut dyn FnMut(&Progress),
+    on_progress: &mut (dyn FnMut(&Progress) + Send),
 ) -> Result<Report, String> {
     let req = Request {
         sha256: job.sha256.clone(),
@@ -184,7 +184,7 @@ pub async fn install_on<C: Connect, D: BlockDevice + ?Sized>(
 }
 
 /// Publishes the engine's progress on `ticket`.
-fn progress_to(ticket: &Ticket<InstallView>, start: Instant) -> impl FnMut(&Progress) + '_ {
+fn progress_to(ticket: &Ticket<InstallView>, start: Instant) -> impl FnMut(&Progress) + Send + '_ {
     move |p: &Progress| {
         let secs = start.elapsed().as_secs_f64();
         let rate = if secs > 0.0 {
@@ -210,7 +210,7 @@ pub async fn run_on<C: Connect, D: BlockDevice + ?Sized>(
     fetcher: Fetcher<C>,
     ticket: Ticket<InstallView>,
     dev: &mut D,
-    store: &mut dyn CheckpointStore,
+    store: &mut (dyn CheckpointStore + Send),
     checkpoint_every: u64,
 ) {
     let fetch_size = fetcher.size(&job.full_url).await.ok().flatten();

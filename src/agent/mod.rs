@@ -1,13 +1,16 @@
 //! keel-agent: the gRPC management API of a KeelOS node, served over mutual TLS.
 //!
 //! This module owns the server side of the API: the mTLS listener ([`tls`]), who may call what
-//! ([`roles`]), the shared update state ([`board`]), and the handlers ([`service`]) that
-//! translate between protobuf messages and the core (bootctl, the update engine, keel-init's
-//! control interface). Handlers never implement install or boot-flag logic themselves, and
-//! nothing here ever serves plaintext.
+//! ([`roles`]), the shared update state ([`board`]), how the boot disk is reached ([`disk`]),
+//! and the handlers ([`service`]) that translate between protobuf messages and the core
+//! (bootctl, the update engine, keel-init's control interface); and the client side that osctl
+//! and the simulation share ([`client`]). Handlers never implement install or boot-flag logic
+//! themselves, and nothing here ever serves plaintext.
 
 pub mod board;
+pub mod client;
 pub mod control;
+pub mod disk;
 pub mod install;
 pub mod roles;
 pub mod service;

@@ -7,11 +7,12 @@
 
 use super::board::Board;
 use super::control::{ControlError, NodeControl};
+use super::disk::{FileDisk, NodeDisk};
 use super::proto::{self, keel_server::Keel};
 use super::roles::{authorize, Rpc};
 use super::tls::Peer;
-use crate::block::FileDevice;
 use crate::bootctl::{self, store, Slot, SlotFlags};
+use crate::fetch::{Connect, Fetcher, TcpConnect};
 use crate::update::driver;
 use crate::update::SlotRecord;
 use std::path::PathBuf;
@@ -46,15 +47,31 @@ pub struct AgentConfig {
 /// The system's CA bundle on Debian and in the KeelOS image.
 pub const SYSTEM_CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
 
-/// The service.
-#[derive(Debug, Clone)]
-pub struct Agent {
+/// The service, over a boot disk reached through `D` and downloads through `C` (keel-agent: a
+/// file or block device and the operating system's TCP; sim/: crash-model disks and turmoil).
+#[derive(Debug)]
+pub struct Agent<D: NodeDisk = FileDisk, C: Connect = TcpConnect> {
     cfg: Arc<AgentConfig>,
+    disk: Arc<D>,
     booted: Option<Slot>,
     board: Board<InstallView>,
     control: Arc<dyn NodeControl>,
     started: Instant,
-    fetcher: crate::fetch::Fetcher,
+    fetcher: Fetcher<C>,
+}
+
+impl<D: NodeDisk, C: Connect> Clone for Agent<D, C> {
+    fn clone(&self) -> Self {
+        Agent {
+            cfg: self.cfg.clone(),
+            disk: self.disk.clone(),
+            booted: self.booted,
+            board: self.board.clone(),
+            control: self.control.clone(),
+            started: self.started,
+            fetcher: self.fetcher.clone(),
+        }
+    }
 }
 
 fn internal(what: &str, e: impl std::fmt::Display) -> Status {
@@ -185,14 +202,9 @@ fn empty_roots() -> Arc<rustls::ClientConfig> {
 }
 
 impl Agent {
-    /// The node configuration on STATE.
-    fn config_path(&self) -> PathBuf {
-        self.cfg.state_dir.join("config/node.json")
-    }
-
     /// Reads the disk's flags once to find the booted slot when it is not given.
     pub fn new(cfg: AgentConfig, control: Arc<dyn NodeControl>) -> Result<Agent, String> {
-        let dev = FileDevice::open(&cfg.disk, false).map_err(|e| e.to_string())?;
+        let dev = crate::block::FileDevice::open(&cfg.disk, false).map_err(|e| e.to_string())?;
         let (_, flags) = store::load(&dev).map_err(|e| e.to_string())?;
         // On a node keel-init knows the booted slot; on a host the slot the flags prefer now is
         // the one that "runs".
@@ -205,19 +217,42 @@ impl Agent {
             }
             None => empty_roots(),
         };
-        let fetcher = crate::fetch::Fetcher::new(
-            crate::fetch::TcpConnect,
-            tls,
-            crate::fetch::Policy::default(),
-        );
-        Ok(Agent {
+        let fetcher = Fetcher::new(TcpConnect, tls, crate::fetch::Policy::default());
+        let disk = FileDisk {
+            disk: cfg.disk.clone(),
+        };
+        Ok(Agent::with_disk(
+            AgentConfig { booted, ..cfg },
+            disk,
             fetcher,
+            control,
+        ))
+    }
+}
+
+impl<D: NodeDisk, C: Connect> Agent<D, C> {
+    /// An agent over `disk`, downloading with `fetcher`. The booted slot is `cfg.booted` (keel-init
+    /// passes it; [`Agent::new`] finds it from the flags when not given).
+    pub fn with_disk(
+        cfg: AgentConfig,
+        disk: D,
+        fetcher: Fetcher<C>,
+        control: Arc<dyn NodeControl>,
+    ) -> Self {
+        Agent {
+            booted: cfg.booted,
             cfg: Arc::new(cfg),
-            booted,
+            disk: Arc::new(disk),
             board: Board::new(),
             control,
             started: Instant::now(),
-        })
+            fetcher,
+        }
+    }
+
+    /// The node configuration on STATE.
+    fn config_path(&self) -> PathBuf {
+        self.cfg.state_dir.join("config/node.json")
     }
 
     pub fn board(&self) -> &Board<InstallView> {
@@ -234,18 +269,14 @@ impl Agent {
 
     /// The flags and each slot's image record (from the engine's records on the disk).
     async fn disk_view(&self) -> Result<(SlotFlags, [Option<SlotRecord>; 2]), Status> {
-        let disk = self.cfg.disk.clone();
-        tokio::task::spawn_blocking(move || {
-            let dev = FileDevice::open(&disk, false).map_err(|e| {
-                Status::unavailable(format!("opening the boot disk {}: {e}", disk.display()))
-            })?;
-            let (layout, flags) = store::load(&dev).map_err(disk_status)?;
-            // A slot whose record cannot be read shows as "image unknown".
-            let rec = |s| driver::read_record(&dev, &layout, s).ok().flatten();
-            Ok((flags, [rec(Slot::A), rec(Slot::B)]))
-        })
-        .await
-        .map_err(|e| internal("reading the disk", e))?
+        self.disk
+            .with_dev(false, |dev| {
+                let (layout, flags) = store::load(&*dev).map_err(disk_status)?;
+                // A slot whose record cannot be read shows as "image unknown".
+                let rec = |s| driver::read_record(&*dev, &layout, s).ok().flatten();
+                Ok((flags, [rec(Slot::A), rec(Slot::B)]))
+            })
+            .await
     }
 
     fn update_state(&self) -> Option<proto::UpdateState> {
@@ -298,7 +329,7 @@ impl Agent {
 type Streamed<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
 #[tonic::async_trait]
-impl Keel for Agent {
+impl<D: NodeDisk, C: Connect> Keel for Agent<D, C> {
     async fn status(
         &self,
         req: Request<proto::StatusRequest>,
@@ -364,7 +395,7 @@ impl Keel for Agent {
             version: r.version.clone(),
         };
         // The install runs on its own task: it goes on when the client disconnects.
-        tokio::spawn(super::install::run(job, self.fetcher.clone(), ticket));
+        self.disk.spawn_install(job, self.fetcher.clone(), ticket);
         let (tx, rx) = tokio::sync::mpsc::channel(16);
         let board = self.board.clone();
         tokio::spawn(async move {
@@ -445,17 +476,14 @@ impl Keel for Agent {
                  roll back from",
             ));
         };
-        let disk = self.cfg.disk.clone();
-        let flags = tokio::task::spawn_blocking(move || {
-            let mut dev = FileDevice::open(&disk, true).map_err(|e| {
-                Status::unavailable(format!("opening the boot disk {}: {e}", disk.display()))
-            })?;
-            store::update(&mut dev, |f| bootctl::rollback(f, booted))
-                .map(|(_, f)| f)
-                .map_err(disk_status)
-        })
-        .await
-        .map_err(|e| internal("rollback", e))??;
+        let flags = self
+            .disk
+            .with_dev(true, move |dev| {
+                store::update(dev, |f| bootctl::rollback(f, booted))
+                    .map(|(_, f)| f)
+                    .map_err(disk_status)
+            })
+            .await?;
         let next = flags.preferred().map(|s| s.letter()).unwrap_or("");
         Ok(Response::new(proto::RollbackReply {
             next_boot_slot: next.into(),
@@ -622,10 +650,11 @@ fn config_changes(old: &crate::config::NodeConfig, new: &crate::config::NodeConf
     out
 }
 
-/// Serve the API on `listener` over mutual TLS until `shutdown` resolves.
-pub async fn serve(
-    agent: Agent,
-    listener: tokio::net::TcpListener,
+/// Serve the API on `listener` (the operating system's TCP, or a simulated network's) over
+/// mutual TLS until `shutdown` resolves.
+pub async fn serve<D: NodeDisk, C: Connect, L: super::tls::Listener>(
+    agent: Agent<D, C>,
+    listener: L,
     tls: Arc<rustls::ServerConfig>,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), tonic::transport::Error> {

@@ -5,11 +5,13 @@
 //! This module owns TLS configuration and the handshake. It never serves or sends plaintext and
 //! never decides what a role may do; it only reads the role from a certificate rustls verified.
 
+use crate::fetch::{Connect, Io, TcpConnect};
 use crate::pki::{self, PkiError, Role};
 use hyper_util::rt::TokioIo;
 use rustls::server::WebPkiClientVerifier;
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
 use rustls_pki_types::ServerName;
+use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::path::Path;
@@ -112,21 +114,22 @@ pub struct Peer {
     pub subject: String,
 }
 
-/// A server connection after a successful mutual-TLS handshake.
+/// A server connection after a successful mutual-TLS handshake, over any byte stream (TCP from
+/// the operating system, or a simulated network's).
 #[derive(Debug)]
-pub struct PeerStream {
-    inner: tokio_rustls::server::TlsStream<TcpStream>,
+pub struct PeerStream<S = TcpStream> {
+    inner: tokio_rustls::server::TlsStream<S>,
     peer: Peer,
 }
 
-impl tonic::transport::server::Connected for PeerStream {
+impl<S: Io> tonic::transport::server::Connected for PeerStream<S> {
     type ConnectInfo = Peer;
     fn connect_info(&self) -> Peer {
         self.peer.clone()
     }
 }
 
-impl AsyncRead for PeerStream {
+impl<S: Io> AsyncRead for PeerStream<S> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -136,7 +139,7 @@ impl AsyncRead for PeerStream {
     }
 }
 
-impl AsyncWrite for PeerStream {
+impl<S: Io> AsyncWrite for PeerStream<S> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -158,13 +161,29 @@ fn subject_of(der: &[u8]) -> String {
         .unwrap_or_else(|_| "<unparsable>".into())
 }
 
-/// Accept TCP connections on `listener` and hand out the ones that complete the mutual-TLS
+/// Where the agent accepts connections: a TCP listener of the operating system, or a simulated
+/// network's (the simulation in sim/ implements it for turmoil's).
+pub trait Listener: Send + 'static {
+    type Stream: Io;
+    fn accept(&self) -> impl Future<Output = io::Result<(Self::Stream, SocketAddr)>> + Send;
+}
+
+impl Listener for TcpListener {
+    type Stream = TcpStream;
+    async fn accept(&self) -> io::Result<(TcpStream, SocketAddr)> {
+        let (tcp, addr) = TcpListener::accept(self).await?;
+        let _ = tcp.set_nodelay(true);
+        Ok((tcp, addr))
+    }
+}
+
+/// Accept connections on `listener` and hand out the ones that complete the mutual-TLS
 /// handshake. Failed handshakes (no certificate, another CA, expired, not TLS) are logged to
 /// stderr and dropped; they never reach a handler.
-pub fn incoming(
-    listener: TcpListener,
+pub fn incoming<L: Listener>(
+    listener: L,
     cfg: Arc<ServerConfig>,
-) -> tokio_stream::wrappers::ReceiverStream<Result<PeerStream, io::Error>> {
+) -> tokio_stream::wrappers::ReceiverStream<Result<PeerStream<L::Stream>, io::Error>> {
     let (tx, rx) = tokio::sync::mpsc::channel(64);
     let acceptor = TlsAcceptor::from(cfg);
     tokio::spawn(async move {
@@ -178,7 +197,6 @@ pub fn incoming(
                     continue;
                 }
             };
-            let _ = tcp.set_nodelay(true);
             let acceptor = acceptor.clone();
             let tx = tx.clone();
             tokio::spawn(async move {
@@ -216,14 +234,17 @@ pub fn incoming(
 }
 
 /// Connects osctl (or a test) to an agent over mutual TLS, for tonic's `connect_with_connector`.
+/// The byte stream under TLS comes from a [`Connect`]: the operating system's TCP by default, a
+/// simulated network's in sim/.
 #[derive(Clone)]
-pub struct Connector {
+pub struct Connector<C: Connect = TcpConnect> {
+    connect: C,
     addr: String,
     name: ServerName<'static>,
     tls: TlsConnector,
 }
 
-impl std::fmt::Debug for Connector {
+impl<C: Connect> std::fmt::Debug for Connector<C> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Connector")
             .field("addr", &self.addr)
@@ -239,14 +260,50 @@ impl Connector {
         server_name: &str,
         cfg: Arc<ClientConfig>,
     ) -> Result<Connector, TlsError> {
+        Connector::with_connect(TcpConnect, addr, server_name, cfg)
+    }
+}
+
+impl<C: Connect> Connector<C> {
+    /// Like [`Connector::new`], with the byte streams opened by `connect`.
+    pub fn with_connect(
+        connect: C,
+        addr: &str,
+        server_name: &str,
+        cfg: Arc<ClientConfig>,
+    ) -> Result<Connector<C>, TlsError> {
         let name = ServerName::try_from(server_name.to_string())
             .map_err(|_| TlsError::ServerName(server_name.to_string()))?;
         Ok(Connector {
+            connect,
             addr: addr.to_string(),
             name,
             tls: TlsConnector::from(cfg),
         })
     }
+
+    /// The address this connector reaches.
+    pub fn addr(&self) -> &str {
+        &self.addr
+    }
+
+    async fn open(&self) -> io::Result<C::Stream> {
+        let (host, port) = split_host_port(&self.addr)
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "invalid socket address"))?;
+        self.connect.connect(&host, port).await
+    }
+}
+
+/// `host:port` or `[v6]:port` -> (host, port).
+fn split_host_port(addr: &str) -> Option<(String, u16)> {
+    let (host, port) = match addr.strip_prefix('[') {
+        Some(rest) => {
+            let (h, p) = rest.split_once(']')?;
+            (h, p.strip_prefix(':')?)
+        }
+        None => addr.rsplit_once(':')?,
+    };
+    Some((host.to_string(), port.parse().ok()?))
 }
 
 /// Why connecting failed, kept apart so osctl can tell an unreachable agent from a TLS refusal.
@@ -266,8 +323,8 @@ pub enum ConnectError {
     },
 }
 
-impl tower::Service<http::Uri> for Connector {
-    type Response = TokioIo<tokio_rustls::client::TlsStream<TcpStream>>;
+impl<C: Connect> tower::Service<http::Uri> for Connector<C> {
+    type Response = TokioIo<tokio_rustls::client::TlsStream<C::Stream>>;
     type Error = ConnectError;
     type Future =
         Pin<Box<dyn std::future::Future<Output = Result<Self::Response, ConnectError>> + Send>>;
@@ -279,13 +336,13 @@ impl tower::Service<http::Uri> for Connector {
     fn call(&mut self, _: http::Uri) -> Self::Future {
         let this = self.clone();
         Box::pin(async move {
-            let tcp = TcpStream::connect(&this.addr).await.map_err(|source| {
-                ConnectError::Unreachable {
+            let tcp = this
+                .open()
+                .await
+                .map_err(|source| ConnectError::Unreachable {
                     addr: this.addr.clone(),
                     source,
-                }
-            })?;
-            let _ = tcp.set_nodelay(true);
+                })?;
             let tls = this
                 .tls
                 .connect(this.name.clone(), tcp)
@@ -299,7 +356,7 @@ impl tower::Service<http::Uri> for Connector {
     }
 }
 
-impl Connector {
+impl<C: Connect> Connector<C> {
     /// Connect, complete the handshake and read the server's first bytes. A TLS 1.3 client
     /// finishes its side before the server has judged its certificate, so a refusal (expired,
     /// unknown CA, none given) only shows on the first read: this surfaces it as
@@ -340,9 +397,13 @@ pub fn channel(
     server_name: &str,
     cfg: Arc<ClientConfig>,
 ) -> Result<tonic::transport::Channel, TlsError> {
-    let c = Connector::new(addr, server_name, cfg)?;
+    Ok(channel_with(Connector::new(addr, server_name, cfg)?))
+}
+
+/// A gRPC channel through `connector` (any [`Connect`]); lazy like [`channel`].
+pub fn channel_with<C: Connect>(connector: Connector<C>) -> tonic::transport::Channel {
     // The URI is only a label for tonic: the connector decides where to connect.
     let ep = tonic::transport::Endpoint::from_static("http://keel-agent")
         .connect_timeout(Duration::from_secs(10));
-    Ok(ep.connect_with_connector_lazy(c))
+    ep.connect_with_connector_lazy(connector)
 }

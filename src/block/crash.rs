@@ -284,13 +284,13 @@ impl CrashDevice {
         CrashChoice(
             self.pending
                 .iter()
-                .map(|w| match rng.next() % 3 {
+                .map(|w| match rng.next_u64() % 3 {
                     0 => WriteFate::Dropped,
                     1 => WriteFate::Kept,
                     _ => fate_of(
                         pieces(w, self.sector_size)
                             .iter()
-                            .map(|_| rng.next() & 1 == 1)
+                            .map(|_| rng.next_u64() & 1 == 1)
                             .collect(),
                     ),
                 })
@@ -339,15 +339,23 @@ fn pieces(w: &PendingWrite, sector_size: u64) -> Vec<(u64, u64)> {
     out
 }
 
-struct SplitMix(u64);
+/// SplitMix64: a small deterministic generator for seeded tests (crash choices here, scenario
+/// choices in sim/).
+#[derive(Debug, Clone)]
+pub struct SplitMix(pub u64);
 
 impl SplitMix {
-    fn next(&mut self) -> u64 {
+    pub fn next_u64(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
         z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
         z ^ (z >> 31)
+    }
+
+    /// A value below `n` (0 when `n` is 0).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n.max(1)
     }
 }
 

@@ -10,7 +10,7 @@ mod file;
 mod mem;
 mod window;
 
-pub use crash::{CrashChoice, CrashDevice, PendingWrite, WriteFate};
+pub use crash::{CrashChoice, CrashDevice, PendingWrite, SplitMix, WriteFate};
 pub use file::FileDevice;
 pub use mem::MemDevice;
 pub use window::{Window, WindowError};

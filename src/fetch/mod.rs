@@ -248,6 +248,16 @@ enum Attempt {
 
 type Body = Incoming;
 
+/// What one request brought.
+#[derive(Debug)]
+enum Answer {
+    /// The body from the position asked for, and the file's length when the server said it.
+    Body(Body, Option<u64>),
+    /// The position asked for is the file's end (416 with `bytes */LEN`, LEN the position): a
+    /// body without a length was cut right after its last byte.
+    Complete(u64),
+}
+
 impl<C: Connect> Fetcher<C> {
     /// `tls` is used for https URLs (see [`tls_with_ca_bundle`]).
     pub fn new(connect: C, tls: Arc<rustls::ClientConfig>, policy: Policy) -> Self {
@@ -355,7 +365,7 @@ impl<C: Connect> Fetcher<C> {
     }
 
     /// One request: returns the response body positioned at `pos` and the file's total length.
-    async fn request(&self, t: &Target, pos: u64) -> Result<(Body, Option<u64>), Attempt> {
+    async fn request(&self, t: &Target, pos: u64) -> Result<Answer, Attempt> {
         let io = self.open_stream(t).await.map_err(Attempt::Retry)?;
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
             .await
@@ -399,7 +409,7 @@ impl<C: Connect> Fetcher<C> {
                 url: t.url.clone(),
                 offset: pos,
             })),
-            200 => Ok((resp.into_body(), len)),
+            200 => Ok(Answer::Body(resp.into_body(), len)),
             206 => {
                 let cr = resp
                     .headers()
@@ -408,7 +418,9 @@ impl<C: Connect> Fetcher<C> {
                     .unwrap_or("")
                     .to_string();
                 match parse_content_range(&cr) {
-                    Some((first, total)) if first == pos => Ok((resp.into_body(), total)),
+                    Some((first, total)) if first == pos => {
+                        Ok(Answer::Body(resp.into_body(), total))
+                    }
                     _ => Err(Attempt::Fatal(FetchError::BadContentRange {
                         url: t.url.clone(),
                         offset: pos,
@@ -426,6 +438,21 @@ impl<C: Connect> Fetcher<C> {
                     .unwrap_or("")
                     .to_string(),
             })),
+            // A resume past the end: complete when the server's length is where we stopped.
+            416 if pos > 0 => {
+                let cr = resp
+                    .headers()
+                    .get(http::header::CONTENT_RANGE)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("");
+                match unsatisfied_range_len(cr) {
+                    Some(len) if len == pos => Ok(Answer::Complete(len)),
+                    _ => Err(Attempt::Fatal(FetchError::Status {
+                        url: t.url.clone(),
+                        status,
+                    })),
+                }
+            }
             500..=599 => Err(Attempt::Server(status)),
             _ => Err(Attempt::Fatal(FetchError::Status {
                 url: t.url.clone(),
@@ -433,6 +460,11 @@ impl<C: Connect> Fetcher<C> {
             })),
         }
     }
+}
+
+/// `bytes */LEN` (a 416's Content-Range) -> LEN.
+fn unsatisfied_range_len(v: &str) -> Option<u64> {
+    v.trim().strip_prefix("bytes */")?.trim().parse().ok()
 }
 
 /// `bytes FIRST-LAST/TOTAL` -> (FIRST, TOTAL if known).
@@ -524,7 +556,20 @@ impl<C: Connect> Download<C> {
             )
             .await;
             match r {
-                Ok(Ok((body, total))) => {
+                Ok(Ok(Answer::Complete(len))) => {
+                    if let Some(before) = self.total.filter(|&t| t != len) {
+                        return Err(FetchError::SizeChanged {
+                            url: self.target.url.clone(),
+                            before,
+                            after: len,
+                        });
+                    }
+                    self.total = Some(len);
+                    self.done = true;
+                    self.body = None;
+                    return Ok(());
+                }
+                Ok(Ok(Answer::Body(body, total))) => {
                     let total = match (total, self.pos) {
                         // A 200's Content-Length is the whole file.
                         (Some(t), 0) => Some(t),
@@ -572,6 +617,9 @@ impl<C: Connect> Download<C> {
             }
             if self.body.is_none() {
                 self.connect().await?;
+                if self.done {
+                    return Ok(None);
+                }
             }
             let Some(body) = self.body.as_mut() else {
                 continue;
@@ -663,5 +711,7 @@ mod tests {
         assert_eq!(parse_content_range("bytes 5-9/*"), Some((5, None)));
         assert_eq!(parse_content_range("items 1-2/3"), None);
         assert_eq!(parse_content_range(""), None);
+        assert_eq!(unsatisfied_range_len("bytes */4096"), Some(4096));
+        assert_eq!(unsatisfied_range_len("bytes 0-1/2"), None);
     }
 }

@@ -6,7 +6,8 @@
 //! already running.
 
 use clap::{Parser, Subcommand, ValueEnum};
-use keelos::agent::proto::{self, keel_client::KeelClient};
+use keelos::agent::client::Client;
+use keelos::agent::proto;
 use keelos::agent::tls;
 use keelos::pki;
 use serde_json::json;
@@ -160,13 +161,7 @@ fn config_path(cli: &Cli) -> PathBuf {
     PathBuf::from(home).join(".osctl").join(pki::OSCTL_CONFIG)
 }
 
-struct Conn {
-    client: KeelClient<tonic::transport::Channel>,
-    endpoint: String,
-    probe: tls::Connector,
-}
-
-fn connect(cli: &Cli) -> Result<Conn, Fail> {
+fn connect(cli: &Cli) -> Result<Client, Fail> {
     let path = config_path(cli);
     let cfg = pki::ClientConfig::load(&path).map_err(|e| {
         Fail(
@@ -174,36 +169,7 @@ fn connect(cli: &Cli) -> Result<Conn, Fail> {
             format!("{e} (give --config FILE; `osctl gen pki` writes one)"),
         )
     })?;
-    let endpoint = cli.endpoint.clone().unwrap_or(cfg.endpoint.clone());
-    let host = match cfg.server_name.clone() {
-        Some(n) => n,
-        None => host_of(&endpoint).ok_or_else(|| {
-            Fail(
-                EXIT_USAGE,
-                format!("endpoint {endpoint:?} is not HOST:PORT"),
-            )
-        })?,
-    };
-    let tls_cfg = tls::client_config(&cfg.ca, &cfg.cert, &cfg.key)
-        .map_err(|e| Fail(EXIT_USAGE, e.to_string()))?;
-    let probe = tls::Connector::new(&endpoint, &host, tls_cfg.clone())
-        .map_err(|e| Fail(EXIT_USAGE, e.to_string()))?;
-    let ch =
-        tls::channel(&endpoint, &host, tls_cfg).map_err(|e| Fail(EXIT_USAGE, e.to_string()))?;
-    Ok(Conn {
-        client: KeelClient::new(ch),
-        endpoint,
-        probe,
-    })
-}
-
-fn host_of(endpoint: &str) -> Option<String> {
-    if let Some(rest) = endpoint.strip_prefix('[') {
-        return rest.split_once(']').map(|(h, _)| h.to_string());
-    }
-    let (h, p) = endpoint.rsplit_once(':')?;
-    p.parse::<u16>().ok()?;
-    Some(h.to_string())
+    Client::from_config(&cfg, cli.endpoint.as_deref()).map_err(|e| Fail(EXIT_USAGE, e.to_string()))
 }
 
 /// The whole error chain as text, for classifying TLS failures.
@@ -221,14 +187,15 @@ fn chain(e: &(dyn std::error::Error + 'static)) -> String {
 /// Like [`classify`], but when the call failed below gRPC (the connection closed or was
 /// cancelled), probe the handshake once to learn why: the server's TLS alert or an unreachable
 /// address.
-async fn diagnose(st: tonic::Status, conn_probe: &tls::Connector, endpoint: &str) -> Fail {
+async fn diagnose(st: tonic::Status, client: &Client) -> Fail {
+    let endpoint = client.endpoint();
     use tonic::Code;
     let transport = matches!(
         st.code(),
         Code::Unavailable | Code::Unknown | Code::Cancelled | Code::Internal
     ) && std::error::Error::source(&st).is_some();
     if transport {
-        if let Err(e) = conn_probe.probe().await {
+        if let Err(e) = client.probe().await {
             let st2 = tonic::Status::from_error(Box::new(e));
             return classify(st2, endpoint);
         }
@@ -506,12 +473,11 @@ async fn run(cli: Cli) -> Result<(), Fail> {
     {
         return gen_pki(out, san, config_endpoint.as_deref());
     }
-    let mut conn = connect(&cli)?;
-    let (ep, pr) = (conn.endpoint.clone(), conn.probe.clone());
-    match command(&cli, &mut conn.client).await {
+    let mut client = connect(&cli)?;
+    match command(&cli, &mut client).await {
         Ok(()) => Ok(()),
         Err(E::Fail(f)) => Err(f),
-        Err(E::Rpc(st)) => Err(diagnose(st, &pr, &ep).await),
+        Err(E::Rpc(st)) => Err(diagnose(st, &client).await),
     }
 }
 
@@ -532,16 +498,12 @@ fn gen_pki(out: &std::path::Path, san: &[String], endpoint: Option<&str>) -> Res
     Ok(())
 }
 
-async fn command(cli: &Cli, c: &mut KeelClient<tonic::transport::Channel>) -> Result<(), E> {
+async fn command(cli: &Cli, client: &mut Client) -> Result<(), E> {
     let json_out = cli.output == Output::Json;
     match &cli.cmd {
         Cmd::Gen { .. } => Ok(()),
         Cmd::Status => {
-            let s = c
-                .status(proto::StatusRequest {})
-                .await
-                .map_err(E::Rpc)?
-                .into_inner();
+            let s = client.status().await.map_err(E::Rpc)?;
             if json_out {
                 print_json(&status_json(&s));
             } else {
@@ -562,7 +524,7 @@ async fn command(cli: &Cli, c: &mut KeelClient<tonic::transport::Channel>) -> Re
                 sha256: sha256.clone(),
                 version: version.clone(),
             };
-            let mut stream = c.install_update(req).await.map_err(E::Rpc)?.into_inner();
+            let stream = client.install(req).await.map_err(E::Rpc)?;
             let bar = if std::io::stderr().is_terminal() && !json_out {
                 let b = indicatif::ProgressBar::new(0);
                 b.set_style(
@@ -577,31 +539,27 @@ async fn command(cli: &Cli, c: &mut KeelClient<tonic::transport::Channel>) -> Re
                 None
             };
             let mut last_phase = -1;
-            let mut result = None;
-            while let Some(ev) = stream.message().await.map_err(E::Rpc)? {
-                match ev.event {
-                    Some(proto::install_event::Event::Progress(p)) => {
-                        if let Some(b) = &bar {
-                            b.set_length(p.bytes_total);
-                            b.set_position(p.bytes_done);
-                            b.set_message(phase_name(p.phase));
-                        } else if json_out {
-                            println!("{}", progress_json(&p));
-                        } else if p.phase != last_phase {
-                            println!(
-                                "{}: {} / {} ({}/s)",
-                                phase_name(p.phase),
-                                human(p.bytes_done),
-                                human(p.bytes_total),
-                                human(p.rate_bytes_per_second)
-                            );
-                        }
-                        last_phase = p.phase;
+            let result = stream
+                .finish(|p| {
+                    if let Some(b) = &bar {
+                        b.set_length(p.bytes_total);
+                        b.set_position(p.bytes_done);
+                        b.set_message(phase_name(p.phase));
+                    } else if json_out {
+                        println!("{}", progress_json(p));
+                    } else if p.phase != last_phase {
+                        println!(
+                            "{}: {} / {} ({}/s)",
+                            phase_name(p.phase),
+                            human(p.bytes_done),
+                            human(p.bytes_total),
+                            human(p.rate_bytes_per_second)
+                        );
                     }
-                    Some(proto::install_event::Event::Result(r)) => result = Some(r),
-                    None => {}
-                }
-            }
+                    last_phase = p.phase;
+                })
+                .await
+                .map_err(E::Rpc)?;
             if let Some(b) = &bar {
                 b.finish_and_clear();
             }
@@ -625,6 +583,7 @@ async fn command(cli: &Cli, c: &mut KeelClient<tonic::transport::Channel>) -> Re
             }
         }
         Cmd::Reboot { if_staged } => {
+            let c = client.keel();
             let r = c
                 .reboot(proto::RebootRequest {
                     only_if_staged: *if_staged,
@@ -636,6 +595,7 @@ async fn command(cli: &Cli, c: &mut KeelClient<tonic::transport::Channel>) -> Re
             Ok(())
         }
         Cmd::Rollback => {
+            let c = client.keel();
             let r = c
                 .rollback(proto::RollbackRequest {})
                 .await
@@ -647,6 +607,7 @@ async fn command(cli: &Cli, c: &mut KeelClient<tonic::transport::Channel>) -> Re
         Cmd::Config {
             cmd: ConfigCmd::Get,
         } => {
+            let c = client.keel();
             let r = c
                 .get_config(proto::GetConfigRequest {})
                 .await
@@ -658,6 +619,7 @@ async fn command(cli: &Cli, c: &mut KeelClient<tonic::transport::Channel>) -> Re
         Cmd::Config {
             cmd: ConfigCmd::Apply { file, dry_run },
         } => {
+            let c = client.keel();
             let text = std::fs::read_to_string(file)
                 .map_err(|e| Fail(EXIT_USAGE, format!("reading {}: {e}", file.display())))?;
             let r = c
@@ -686,6 +648,7 @@ async fn command(cli: &Cli, c: &mut KeelClient<tonic::transport::Channel>) -> Re
             Ok(())
         }
         Cmd::Services => {
+            let c = client.keel();
             let r = c
                 .service_list(proto::ServiceListRequest {})
                 .await
@@ -711,6 +674,7 @@ async fn command(cli: &Cli, c: &mut KeelClient<tonic::transport::Channel>) -> Re
             Ok(())
         }
         Cmd::Restart { service } => {
+            let c = client.keel();
             let r = c
                 .service_restart(proto::ServiceRestartRequest {
                     name: service.clone(),
@@ -726,7 +690,8 @@ async fn command(cli: &Cli, c: &mut KeelClient<tonic::transport::Channel>) -> Re
             follow,
             tail,
         } => {
-            let mut s = c
+            let mut s = client
+                .keel()
                 .logs(proto::LogsRequest {
                     service: service.clone(),
                     follow: *follow,
