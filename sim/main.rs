@@ -360,6 +360,21 @@ fn node_host(sim: &mut turmoil::Sim<'static>, node: &Node) {
     sim.host(node.name.as_str(), move || n.clone().serve());
 }
 
+/// A simulation with a healthy update server and one node, "node", and how that node fetches
+/// (raw or zstd frames, http or https, by seed).
+fn one_node(seed: u64) -> (turmoil::Sim<'static>, Node, Fetch) {
+    let f = Fetch {
+        zst: seed % 2 == 1,
+        delta: false,
+        https: seed % 3 == 0,
+    };
+    let mut sim = sim(seed);
+    server_host(&mut sim, Server::new(files(Fault::None), false));
+    let node = new_node("node");
+    node_host(&mut sim, &node);
+    (sim, node, f)
+}
+
 /// The node's disk against what the operator saw: the invariants hold, the disk's flags and
 /// images are what Status says, the node is on the old image or the new one (never partial),
 /// and on the one the install's result says (when `expect_ok` is given, the result must be so).
@@ -482,8 +497,13 @@ fn check_bytes_saved(
     if res.bytes_saved == want || (res.bytes_saved == 0 && !probed) {
         return Ok(());
     }
+    let probes = server
+        .seen()
+        .iter()
+        .filter(|x| x.peer == peer && x.path == full_path)
+        .count();
     Err(format!(
-        "bytes_saved is {} but the full download is {full_len} bytes and the patch {patch_len} (fallback {}, size probe answered {probed})",
+        "bytes_saved is {} but the full download is {full_len} bytes and the patch {patch_len} (fallback {}, size probe answered {probed}, {probes} requests for the full image seen by the server)",
         res.bytes_saved, res.fallback_used
     ))
 }
@@ -649,15 +669,7 @@ fn wrong_image_activates_nothing() {
 fn partition_longer_than_retries() {
     each_seed("partition_longer_than_retries", DEFAULT_SEEDS, |seed| {
         let mut rng = SplitMix(seed);
-        let f = Fetch {
-            zst: seed % 2 == 1,
-            delta: false,
-            https: seed % 3 == 0,
-        };
-        let mut sim = sim(seed);
-        server_host(&mut sim, Server::new(files(Fault::None), false));
-        let node = new_node("node");
-        node_host(&mut sim, &node);
+        let (mut sim, node, f) = one_node(seed);
         // Cut the node off a few ticks into the download, for far longer than the fetch
         // policy's retries and timeouts add up to (under 20 s), then heal.
         let cut_at = Duration::from_millis(10 + rng.below(80));
@@ -998,15 +1010,7 @@ fn operators_disconnect_and_race() {
     let raced = std::cell::Cell::new(0u64);
     each_seed("operators_disconnect_and_race", DEFAULT_SEEDS, |seed| {
         let mut rng = SplitMix(seed);
-        let f = Fetch {
-            zst: seed % 2 == 1,
-            delta: false,
-            https: seed % 3 == 0,
-        };
-        let mut sim = sim(seed);
-        server_host(&mut sim, Server::new(files(Fault::None), false));
-        let node = new_node("node");
-        node_host(&mut sim, &node);
+        let (mut sim, node, f) = one_node(seed);
         sim.set_link_fail_rate("node", "server", flaky_rate(seed));
         let drop_after = rng.below(6) as usize;
         let second_after = if rng.below(4) == 0 {

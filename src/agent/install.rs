@@ -168,7 +168,17 @@ pub async fn install_on<C: Connect, D: BlockDevice + ?Sized>(
                 on_progress(&p);
                 continue;
             }
-            Action::Done(r) => return Ok(r),
+            Action::Done(mut r) => {
+                // The size probe before the install got no answer (a flaky network; found by
+                // the simulation's soak): ask once more now that the delta is in, so that
+                // bytes_saved is known. It stays 0 (unknown) if this is not answered either.
+                if r.delta_used && fetch_size.is_none() {
+                    if let Ok(Some(full)) = inputs.fetcher.size(&job.full_url).await {
+                        r.bytes_saved = full.saturating_sub(r.patch_bytes);
+                    }
+                }
+                return Ok(r);
+            }
             Action::Failed(e) => return Err(e.to_string()),
             Action::Fetch { input, offset } => {
                 match inputs.read_at(input, offset, &mut buf).await {
