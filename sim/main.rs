@@ -366,7 +366,7 @@ fn one_node(seed: u64) -> (turmoil::Sim<'static>, Node, Fetch) {
     let f = Fetch {
         zst: seed % 2 == 1,
         delta: false,
-        https: seed % 3 == 0,
+        https: seed.is_multiple_of(3),
     };
     let mut sim = sim(seed);
     server_host(&mut sim, Server::new(files(Fault::None), false));
