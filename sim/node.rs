@@ -7,7 +7,7 @@
 use keelos::agent::board::Ticket;
 use keelos::agent::control::Unavailable;
 use keelos::agent::disk::NodeDisk;
-use keelos::agent::install::{self, Job};
+use keelos::agent::install::{self, Job, MountedRoot};
 use keelos::agent::service::{self, Agent, AgentConfig, InstallView};
 use keelos::agent::tls::Listener;
 use keelos::block::{BlockDevice, BlockError, CrashDevice};
@@ -225,6 +225,8 @@ pub const CHECKPOINT_EVERY: u64 = 32 * 1024;
 pub struct SimDisk {
     pub dev: Watched,
     pub store: Arc<Mutex<MemStore>>,
+    /// The slot this incarnation's simulated root is mounted from (its boot's choice).
+    pub mounted: Option<Slot>,
 }
 
 impl NodeDisk for SimDisk {
@@ -245,8 +247,18 @@ impl NodeDisk for SimDisk {
         ticket: Ticket<InstallView>,
     ) {
         let (mut dev, mut store) = (self.dev.clone(), SharedStore(self.store.clone()));
+        let mounted = self.mounted;
         tokio::spawn(async move {
-            install::run_on(job, fetcher, ticket, &mut dev, &mut store, CHECKPOINT_EVERY).await;
+            install::run_on(
+                job,
+                fetcher,
+                ticket,
+                &mut dev,
+                &mut store,
+                CHECKPOINT_EVERY,
+                MountedRoot::Simulated(mounted),
+            )
+            .await;
         });
     }
 }
@@ -302,11 +314,13 @@ impl Node {
                 disk: "/sim/disk".into(),
                 state_dir: "/sim/state".into(),
                 booted: running,
+                boot_record: None,
                 fetch_ca: Some(crate::pki().ca.clone()),
             },
             SimDisk {
                 dev: self.dev.clone(),
                 store: self.store.clone(),
+                mounted: running,
             },
             fetcher(),
             Arc::new(Unavailable),

@@ -9,9 +9,9 @@
 
 use super::board::Ticket;
 use super::proto;
-use super::service::InstallView;
 use crate::block::{BlockDevice, FileDevice};
 use crate::bootctl::Slot;
+use crate::disk::Layout;
 use crate::fetch::{Connect, Download, Fetcher};
 use crate::update::checkpoint::{CheckpointStore, FileStore};
 use crate::update::driver::{self, Request};
@@ -20,6 +20,15 @@ use crate::update::{FullImage, Input, Phase, Progress, Report, DEFAULT_CHECKPOIN
 use bytes::Bytes;
 use std::path::PathBuf;
 use tokio::time::Instant;
+
+/// What the update board holds for the install in progress (or the last one).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct InstallView {
+    pub version: String,
+    pub sha256: String,
+    pub progress: proto::Progress,
+    pub result: Option<proto::InstallResult>,
+}
 
 /// One install as the agent received it (already validated).
 #[derive(Debug, Clone)]
@@ -134,6 +143,7 @@ pub async fn install_on<C: Connect, D: BlockDevice + ?Sized>(
     dev: &mut D,
     store: &mut (dyn CheckpointStore + Send),
     checkpoint_every: u64,
+    mounted: &MountedRoot,
     on_progress: &mut (dyn FnMut(&Progress) + Send),
 ) -> Result<Report, String> {
     let req = Request {
@@ -159,9 +169,11 @@ pub async fn install_on<C: Connect, D: BlockDevice + ?Sized>(
     };
     let saved = store.get().map_err(|e| e.to_string())?;
     let target = layout.root(plan.target).clone();
+    let target_slot = plan.target;
     let source = plan.running.map(|r| layout.root(r).clone());
     let mut inst = Install::new(plan, saved.as_deref()).map_err(|e| e.to_string())?;
     let mut buf = vec![0u8; IO_CHUNK];
+    let mut root_checked = false;
     loop {
         let ev = match inst.poll() {
             Action::Progress(p) => {
@@ -187,9 +199,50 @@ pub async fn install_on<C: Connect, D: BlockDevice + ?Sized>(
                     Err(e) => Event::InputFailed(e),
                 }
             }
-            other => driver::perform(&mut *dev, &target, source.as_ref(), store, other),
+            other => {
+                let writes = matches!(other, Action::SetFlags(_) | Action::Write { .. });
+                if writes && !root_checked {
+                    mounted.refuse_target(&job.disk, &layout, target_slot)?;
+                    root_checked = true;
+                }
+                driver::perform(&mut *dev, &target, source.as_ref(), store, other)
+            }
         };
         inst.handle(ev);
+    }
+}
+
+/// Where the running root file system is mounted from, asked right before an install's first
+/// write (the flag change that invalidates the target): the last line of defence should the
+/// agent's idea of the running slot be wrong, whatever the flags say.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MountedRoot {
+    /// Look in /proc/self/mountinfo and sysfs (keel-agent).
+    System,
+    /// A simulated node: the slot its simulated root is mounted from.
+    Simulated(Option<Slot>),
+}
+
+impl MountedRoot {
+    /// An error when `target`, about to be written, is the slot the root is mounted from.
+    pub fn refuse_target(
+        &self,
+        disk: &std::path::Path,
+        layout: &Layout,
+        target: Slot,
+    ) -> Result<(), String> {
+        let mounted = match self {
+            MountedRoot::System => crate::control::boot::mounted_root_slot(disk, layout),
+            MountedRoot::Simulated(s) => *s,
+        };
+        if mounted == Some(target) {
+            return Err(format!(
+                "refusing to write slot {target}: the running root file system is mounted from \
+                 it; nothing was written. The agent took the wrong slot for the running one: \
+                 restart keel-agent (it re-reads the boot record) and report this"
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -222,6 +275,7 @@ pub async fn run_on<C: Connect, D: BlockDevice + ?Sized>(
     dev: &mut D,
     store: &mut (dyn CheckpointStore + Send),
     checkpoint_every: u64,
+    mounted: MountedRoot,
 ) {
     let fetch_size = fetcher.size(&job.full_url).await.ok().flatten();
     let outcome = {
@@ -233,6 +287,7 @@ pub async fn run_on<C: Connect, D: BlockDevice + ?Sized>(
             dev,
             store,
             checkpoint_every,
+            &mounted,
             &mut on_progress,
         )
         .await
@@ -265,6 +320,7 @@ pub async fn run<C: Connect>(job: Job, fetcher: Fetcher<C>, ticket: Ticket<Insta
             &mut dev,
             &mut store,
             DEFAULT_CHECKPOINT_EVERY,
+            &MountedRoot::System,
             &mut on_progress,
         ))
     })

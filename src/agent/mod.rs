@@ -13,6 +13,7 @@ pub mod control;
 pub mod disk;
 pub mod install;
 pub mod roles;
+pub mod running;
 pub mod service;
 pub mod tls;
 

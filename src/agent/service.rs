@@ -8,8 +8,10 @@
 use super::board::Board;
 use super::control::{ControlError, NodeControl};
 use super::disk::{FileDisk, NodeDisk};
+pub use super::install::InstallView;
 use super::proto::{self, keel_server::Keel};
 use super::roles::{authorize, Rpc};
+use super::running::{self, Evidence, Running};
 use super::tls::Peer;
 use crate::bootctl::{self, store, Slot, SlotFlags};
 use crate::fetch::{Connect, Fetcher, TcpConnect};
@@ -22,15 +24,6 @@ use std::time::Instant;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
-/// What the update board holds for the install in progress (or the last one).
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct InstallView {
-    pub version: String,
-    pub sha256: String,
-    pub progress: proto::Progress,
-    pub result: Option<proto::InstallResult>,
-}
-
 /// How the agent was started.
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
@@ -38,8 +31,11 @@ pub struct AgentConfig {
     pub disk: PathBuf,
     /// STATE's mount point (/state on a node).
     pub state_dir: PathBuf,
-    /// The slot running now; found from the disk's flags at start when not given.
+    /// The slot running now, when the caller knows it (`--booted-slot`, the simulation);
+    /// [`Agent::new`] establishes it from the boot (see [`super::running`]).
     pub booted: Option<Slot>,
+    /// Stage 2's record of the booted slot (beside keel-init's control socket on a node).
+    pub boot_record: Option<PathBuf>,
     /// CA bundle (PEM) trusted for https downloads; the system bundle when absent.
     pub fetch_ca: Option<PathBuf>,
 }
@@ -53,7 +49,7 @@ pub const SYSTEM_CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
 pub struct Agent<D: NodeDisk = FileDisk, C: Connect = TcpConnect> {
     cfg: Arc<AgentConfig>,
     disk: Arc<D>,
-    booted: Option<Slot>,
+    running: Running,
     board: Board<InstallView>,
     control: Arc<dyn NodeControl>,
     started: Instant,
@@ -65,7 +61,7 @@ impl<D: NodeDisk, C: Connect> Clone for Agent<D, C> {
         Agent {
             cfg: self.cfg.clone(),
             disk: self.disk.clone(),
-            booted: self.booted,
+            running: self.running.clone(),
             board: self.board.clone(),
             control: self.control.clone(),
             started: self.started,
@@ -202,13 +198,24 @@ fn empty_roots() -> Arc<rustls::ClientConfig> {
 }
 
 impl Agent {
-    /// Reads the disk's flags once to find the booted slot when it is not given.
+    /// An agent over the disk file or device of `cfg`. The running slot is established from
+    /// the boot (the mounted root, stage 2's record, `cfg.booted`; see [`super::running`]).
     pub fn new(cfg: AgentConfig, control: Arc<dyn NodeControl>) -> Result<Agent, String> {
         let dev = crate::block::FileDevice::open(&cfg.disk, false).map_err(|e| e.to_string())?;
-        let (_, flags) = store::load(&dev).map_err(|e| e.to_string())?;
-        // On a node keel-init knows the booted slot; on a host the slot the flags prefer now is
-        // the one that "runs".
-        let booted = cfg.booted.or_else(|| flags.preferred());
+        let (layout, flags) = store::load(&dev).map_err(|e| e.to_string())?;
+        let record = match &cfg.boot_record {
+            Some(p) => crate::control::boot::read(p)
+                .and_then(|r| r.map(|b| b.slot()).transpose())
+                .map_err(|e| format!("the boot record: {e}")),
+            None => Ok(None),
+        };
+        let running = running::establish(&Evidence {
+            given: cfg.booted,
+            record,
+            mounted: crate::control::boot::mounted_root_slot(&cfg.disk, &layout),
+            disk_is_file: std::fs::metadata(&cfg.disk).is_ok_and(|m| m.is_file()),
+            flags,
+        });
         let tls = match &cfg.fetch_ca {
             Some(p) => crate::fetch::tls_with_ca_bundle(p).map_err(|e| e.to_string())?,
             None if std::path::Path::new(SYSTEM_CA_BUNDLE).exists() => {
@@ -221,26 +228,39 @@ impl Agent {
         let disk = FileDisk {
             disk: cfg.disk.clone(),
         };
-        Ok(Agent::with_disk(
-            AgentConfig { booted, ..cfg },
-            disk,
-            fetcher,
-            control,
-        ))
+        Ok(Agent::build(cfg, running, disk, fetcher, control))
     }
 }
 
 impl<D: NodeDisk, C: Connect> Agent<D, C> {
-    /// An agent over `disk`, downloading with `fetcher`. The booted slot is `cfg.booted` (keel-init
-    /// passes it; [`Agent::new`] finds it from the flags when not given).
+    /// An agent over `disk`, downloading with `fetcher`, running the slot `cfg.booted` (the
+    /// simulation's nodes know the slot they booted). Without it, installs and rollbacks are
+    /// refused.
     pub fn with_disk(
         cfg: AgentConfig,
         disk: D,
         fetcher: Fetcher<C>,
         control: Arc<dyn NodeControl>,
     ) -> Self {
+        let running = match cfg.booted {
+            Some(slot) => Running::Known {
+                slot,
+                how: "given when the agent started".into(),
+            },
+            None => Running::Unknown("no running slot was given".into()),
+        };
+        Agent::build(cfg, running, disk, fetcher, control)
+    }
+
+    fn build(
+        cfg: AgentConfig,
+        running: Running,
+        disk: D,
+        fetcher: Fetcher<C>,
+        control: Arc<dyn NodeControl>,
+    ) -> Self {
         Agent {
-            booted: cfg.booted,
+            running,
             cfg: Arc::new(cfg),
             disk: Arc::new(disk),
             board: Board::new(),
@@ -260,7 +280,39 @@ impl<D: NodeDisk, C: Connect> Agent<D, C> {
     }
 
     pub fn booted(&self) -> Option<Slot> {
-        self.booted
+        self.running.slot()
+    }
+
+    /// How the agent knows the running slot (or why it does not).
+    pub fn running(&self) -> &Running {
+        &self.running
+    }
+
+    /// The refusal of an install while `slot`, the running one, is on trial: an install would
+    /// invalidate the other slot, the only one known to boot.
+    async fn on_trial(&self, slot: Slot) -> Status {
+        let path = self.config_path();
+        let health = tokio::task::spawn_blocking(move || crate::config::load(&path))
+            .await
+            .ok()
+            .and_then(|r| r.ok().flatten())
+            .unwrap_or_default()
+            .health;
+        // keel-init's healthy window starts about when the agent serves.
+        let left = health
+            .window_secs
+            .saturating_sub(self.started.elapsed().as_secs())
+            .max(1);
+        Status::failed_precondition(format!(
+            "slot {slot} is on trial until keel-init marks it successful, about {left} s (it \
+             must stay healthy for {} s; if it is not healthy within {} s of boot the node \
+             reboots and falls back to slot {}). An install now would invalidate slot {}, the \
+             only slot known to boot: retry after Status shows slot {slot} successful",
+            health.window_secs,
+            health.boot_deadline_secs,
+            slot.other(),
+            slot.other()
+        ))
     }
 
     async fn flags(&self) -> Result<SlotFlags, Status> {
@@ -293,7 +345,7 @@ impl<D: NodeDisk, C: Connect> Agent<D, C> {
     /// The reply to Status.
     pub async fn status_reply(&self) -> Result<proto::StatusReply, Status> {
         let (flags, records) = self.disk_view().await?;
-        let booted = self.booted;
+        let booted = self.running.slot();
         // A rollback: the other slot was preferred over the booted one but failed its tries.
         let rolled_back = booted.is_some_and(|b| {
             let o = flags.get(b.other());
@@ -322,6 +374,7 @@ impl<D: NodeDisk, C: Connect> Agent<D, C> {
                 .preferred()
                 .map(|s| s.letter().to_string())
                 .unwrap_or_default(),
+            booted_from: self.running.describe(),
         })
     }
 }
@@ -379,6 +432,15 @@ impl<D: NodeDisk, C: Connect> Keel for Agent<D, C> {
             },
             result: None,
         };
+        let running = self
+            .running
+            .for_change()
+            .map_err(Status::failed_precondition)?;
+        if let Some(r) = running {
+            if self.flags().await?.get(r).state() == bootctl::SlotState::Trying {
+                return Err(self.on_trial(r).await);
+            }
+        }
         // Admission is atomic: of two concurrent calls exactly one gets the ticket.
         let ticket = self
             .board
@@ -388,7 +450,7 @@ impl<D: NodeDisk, C: Connect> Keel for Agent<D, C> {
         let job = super::install::Job {
             disk: self.cfg.disk.clone(),
             state_dir: self.cfg.state_dir.clone(),
-            running: self.booted,
+            running,
             full_url: r.full_image_url.trim().to_string(),
             delta_url: r.is_delta.then(|| r.delta_url.trim().to_string()),
             sha256: sha,
@@ -441,7 +503,7 @@ impl<D: NodeDisk, C: Connect> Keel for Agent<D, C> {
         }
         if req.get_ref().only_if_staged {
             let flags = self.flags().await?;
-            let staged = self.booted.is_some_and(|b| {
+            let staged = self.running.slot().is_some_and(|b| {
                 let o = b.other();
                 flags.preferred() == Some(o) && flags.get(o).state() == bootctl::SlotState::Trying
             });
@@ -470,10 +532,14 @@ impl<D: NodeDisk, C: Connect> Keel for Agent<D, C> {
                 s.id
             )));
         }
-        let Some(booted) = self.booted else {
+        let Some(booted) = self
+            .running
+            .for_change()
+            .map_err(Status::failed_precondition)?
+        else {
             return Err(Status::failed_precondition(
-                "no slot is known to be running (nothing on the disk is bootable); nothing to \
-                 roll back from",
+                "no slot is running (nothing on the disk is bootable); nothing to roll back \
+                 from",
             ));
         };
         let flags = self

@@ -32,6 +32,10 @@ struct Args {
     /// The slot running now, when the disk's flags should not decide (a or b).
     #[arg(long)]
     booted_slot: Option<Slot>,
+    /// Stage 2's record of the booted slot (default: `booted` beside the control socket,
+    /// /run/keel/booted on a node).
+    #[arg(long)]
+    boot_record: Option<PathBuf>,
     /// CA bundle (PEM) trusted for https update downloads (default: the system bundle).
     #[arg(long)]
     fetch_ca: Option<PathBuf>,
@@ -70,6 +74,11 @@ async fn run(args: Args) -> Result<(), String> {
             disk: args.disk.clone(),
             state_dir: args.state_dir.clone(),
             booted: args.booted_slot,
+            boot_record: args.boot_record.clone().or_else(|| {
+                args.control
+                    .as_deref()
+                    .map(keelos::control::boot::record_path)
+            }),
             fetch_ca: args.fetch_ca.clone(),
         },
         control,
@@ -83,9 +92,9 @@ async fn run(args: Args) -> Result<(), String> {
         .map_err(|e| format!("listening socket: {e}"))?;
     println!("keel-agent: listening on {addr} (mutual TLS)");
     eprintln!(
-        "keel-agent: disk {}, booted slot {}",
+        "keel-agent: disk {}, running {}",
         args.disk.display(),
-        agent.booted().map(|s| s.letter()).unwrap_or("none")
+        agent.running().describe()
     );
     let shutdown = async {
         let mut term =

@@ -13,6 +13,10 @@ pub struct FileDevice {
     sector_size: u64,
 }
 
+/// How long [`FileDevice::lock_flags`] waits for another holder of the boot-flags lock. A
+/// flag change takes milliseconds; a holder this slow is stuck, and the caller is told so.
+pub const FLAGS_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
 nix::ioctl_read_bad!(blksszget, 0x1268, libc::c_int);
 nix::ioctl_read!(blkgetsize64, 0x12, 114, u64);
 
@@ -96,6 +100,64 @@ impl BlockDevice for FileDevice {
         self.file
             .sync_data()
             .map_err(|e| self.io_err("fdatasync", e))
+    }
+    /// `posix_fadvise(POSIX_FADV_DONTNEED)`: the kernel drops the clean cached pages of the
+    /// range (of the file, or of the block device's own page cache), so the next read goes to
+    /// the medium. Chosen over O_DIRECT because it needs no aligned buffers and works the same
+    /// for image files and devices. Pages still dirty are not dropped: call it after a flush.
+    fn drop_cached(&self, offset: u64, len: u64) -> Result<(), BlockError> {
+        use std::os::fd::AsRawFd;
+        let (Ok(off), Ok(n)) = (i64::try_from(offset), i64::try_from(len)) else {
+            return BlockError::check_bounds("drop the cache of", offset, usize::MAX, self.len);
+        };
+        // SAFETY: fadvise only reads its integer arguments; the descriptor is ours and open.
+        let rc = unsafe {
+            libc::posix_fadvise(self.file.as_raw_fd(), off, n, libc::POSIX_FADV_DONTNEED)
+        };
+        if rc != 0 {
+            return Err(self.io_err(
+                "posix_fadvise(DONTNEED)",
+                std::io::Error::from_raw_os_error(rc),
+            ));
+        }
+        Ok(())
+    }
+    /// An exclusive `flock` on a descriptor of its own for the disk (image file or device
+    /// node), so every process that changes the flags of this disk (keel-init's stage 1 and 2,
+    /// keel-agent, keel-image) takes turns. Waits up to [`FLAGS_LOCK_WAIT`] for a holder.
+    fn lock_flags(&self) -> Result<super::FlagsLock, BlockError> {
+        use std::os::fd::AsRawFd;
+        let file =
+            File::open(&self.path).map_err(|e| self.io_err("open (for the flags lock)", e))?;
+        let start = std::time::Instant::now();
+        loop {
+            // SAFETY: flock takes a descriptor we own and an integer operation.
+            if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+                return Ok(super::FlagsLock::held_by(file));
+            }
+            let e = std::io::Error::last_os_error();
+            let busy = e.raw_os_error() == Some(libc::EWOULDBLOCK);
+            if busy && start.elapsed() < FLAGS_LOCK_WAIT {
+                std::thread::sleep(std::time::Duration::from_millis(5));
+                continue;
+            }
+            let what = if busy {
+                format!(
+                    "{} (another process has held the boot-flags lock for {:?}; `fuser {}` \
+                     names it)",
+                    self.path.display(),
+                    start.elapsed(),
+                    self.path.display()
+                )
+            } else {
+                self.path.display().to_string()
+            };
+            return Err(BlockError::Io {
+                op: "flock (the boot-flags lock)",
+                what,
+                source: e,
+            });
+        }
     }
 }
 

@@ -11,7 +11,7 @@ mod mem;
 mod window;
 
 pub use crash::{CrashChoice, CrashDevice, PendingWrite, SplitMix, WriteFate};
-pub use file::FileDevice;
+pub use file::{FileDevice, FLAGS_LOCK_WAIT};
 pub use mem::MemDevice;
 pub use window::{Window, WindowError};
 
@@ -84,6 +84,33 @@ pub trait BlockDevice {
     fn write_at(&mut self, offset: u64, data: &[u8]) -> Result<(), BlockError>;
     /// Make every write that returned before this call durable.
     fn flush(&mut self) -> Result<(), BlockError>;
+    /// Forget any cached copy of `len` bytes at `offset`, so that the next read of them comes
+    /// from the medium, not from memory (the read-back after an install checks what the disk
+    /// kept). Only flushed bytes may be dropped; devices without a cache do nothing.
+    fn drop_cached(&self, _offset: u64, _len: u64) -> Result<(), BlockError> {
+        Ok(())
+    }
+    /// Take the lock that serializes boot-flag changes between processes, held until the
+    /// returned guard is dropped (across a whole load-modify-commit). Devices that only one
+    /// process can reach (memory, test devices) need none.
+    fn lock_flags(&self) -> Result<FlagsLock, BlockError> {
+        Ok(FlagsLock::none())
+    }
+}
+
+/// A held boot-flags lock (see [`BlockDevice::lock_flags`]); released when dropped.
+#[derive(Debug)]
+pub struct FlagsLock(#[allow(dead_code)] Option<std::fs::File>);
+
+impl FlagsLock {
+    /// A device that needs no lock.
+    pub fn none() -> Self {
+        FlagsLock(None)
+    }
+    /// The lock held through `file` (an `flock` that closing the file releases).
+    pub fn held_by(file: std::fs::File) -> Self {
+        FlagsLock(Some(file))
+    }
 }
 
 impl<D: BlockDevice + ?Sized> BlockDevice for &mut D {
@@ -102,6 +129,12 @@ impl<D: BlockDevice + ?Sized> BlockDevice for &mut D {
     fn flush(&mut self) -> Result<(), BlockError> {
         (**self).flush()
     }
+    fn drop_cached(&self, offset: u64, len: u64) -> Result<(), BlockError> {
+        (**self).drop_cached(offset, len)
+    }
+    fn lock_flags(&self) -> Result<FlagsLock, BlockError> {
+        (**self).lock_flags()
+    }
 }
 
 impl<D: BlockDevice + ?Sized> BlockDevice for Box<D> {
@@ -119,6 +152,12 @@ impl<D: BlockDevice + ?Sized> BlockDevice for Box<D> {
     }
     fn flush(&mut self) -> Result<(), BlockError> {
         (**self).flush()
+    }
+    fn drop_cached(&self, offset: u64, len: u64) -> Result<(), BlockError> {
+        (**self).drop_cached(offset, len)
+    }
+    fn lock_flags(&self) -> Result<FlagsLock, BlockError> {
+        (**self).lock_flags()
     }
 }
 
@@ -145,6 +184,12 @@ impl<D: BlockDevice + ?Sized> BlockDevice for &D {
     }
     fn flush(&mut self) -> Result<(), BlockError> {
         Ok(())
+    }
+    fn drop_cached(&self, offset: u64, len: u64) -> Result<(), BlockError> {
+        (**self).drop_cached(offset, len)
+    }
+    fn lock_flags(&self) -> Result<FlagsLock, BlockError> {
+        (**self).lock_flags()
     }
 }
 

@@ -71,6 +71,13 @@ impl<D: BlockDevice> BlockDevice for Window<D> {
     fn flush(&mut self) -> Result<(), BlockError> {
         self.dev.flush()
     }
+    fn drop_cached(&self, offset: u64, len: u64) -> Result<(), BlockError> {
+        BlockError::check_bounds("drop the cache of", offset, len as usize, self.len)?;
+        self.dev.drop_cached(self.start + offset, len)
+    }
+    fn lock_flags(&self) -> Result<super::FlagsLock, BlockError> {
+        self.dev.lock_flags()
+    }
 }
 
 #[cfg(test)]

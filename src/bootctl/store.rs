@@ -53,11 +53,14 @@ pub fn commit<D: BlockDevice + ?Sized>(
     Ok(Layout::from_table(table)?)
 }
 
-/// Load, apply a transition, commit. Nothing is written when the transition is refused.
+/// Load, apply a transition, commit. Nothing is written when the transition is refused. The
+/// device's flags lock is held from the load to the end of the commit, so two writers on one
+/// node (keel-init, keel-agent, keel-image) never lose each other's change.
 pub fn update<D: BlockDevice + ?Sized>(
     dev: &mut D,
     change: impl FnOnce(SlotFlags) -> Result<SlotFlags, FlagError>,
 ) -> Result<(Layout, SlotFlags), StoreError> {
+    let _lock = dev.lock_flags().map_err(DiskError::from)?;
     let (layout, flags) = load(dev)?;
     let new = change(flags)?;
     let layout = commit(dev, &layout, new)?;
@@ -67,6 +70,7 @@ pub fn update<D: BlockDevice + ?Sized>(
 /// The boot stage, as keel-init runs it: repair the table if a copy is damaged, choose the slot,
 /// and commit the spent try before anything mounts the root.
 pub fn boot<D: BlockDevice + ?Sized>(dev: &mut D) -> Result<(Layout, BootChoice), StoreError> {
+    let _lock = dev.lock_flags().map_err(DiskError::from)?;
     let (layout, flags) = load(dev)?;
     let choice = choose_boot(flags)?;
     let layout = if choice.flags != flags {

@@ -7,6 +7,8 @@
 //! `log` lines until the client closes the connection. This module owns the message types and
 //! the client; the server lives in keel-init (`init::server`). It never touches services itself.
 
+pub mod boot;
+
 use serde::{Deserialize, Serialize};
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;

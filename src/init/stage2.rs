@@ -186,6 +186,30 @@ fn mark_successful(disk: &Path, slot: Slot) -> Result<String, String> {
     Ok(format!("slot {slot} marked successful ({})", f.get(slot)))
 }
 
+/// Record the slot stage 1 mounted for keel-agent (see [`crate::control::boot`]), before any
+/// service starts. Without a slot (stage 2 run by hand) a stale record is removed.
+fn record_booted(opts: &Stage2Options) {
+    let path = crate::control::boot::record_path(&opts.control);
+    let Some(slot) = opts.slot else {
+        let _ = std::fs::remove_file(&path);
+        return;
+    };
+    let root_device = crate::control::boot::this_root_device()
+        .map(|(a, b)| format!("{a}:{b}"))
+        .unwrap_or_default();
+    let rec = crate::control::boot::Booted {
+        slot: slot.letter().into(),
+        root_device,
+    };
+    match crate::control::boot::write(&path, &rec) {
+        Ok(()) => log(format!("booted slot {slot} recorded in {}", path.display())),
+        Err(e) => log(format!(
+            "cannot record the booted slot in {}: {e}; keel-agent will refuse installs",
+            path.display()
+        )),
+    }
+}
+
 /// Run stage 2 until the node is to go down; services are stopped when it returns.
 pub fn run(opts: &Stage2Options) -> ShutdownKind {
     let start = Instant::now();
@@ -202,6 +226,7 @@ pub fn run(opts: &Stage2Options) -> ShutdownKind {
     // ctrl-alt-del becomes SIGINT (a clean reboot) instead of an immediate reset
     let _ = nix::sys::reboot::set_cad_enabled(false);
 
+    record_booted(opts);
     let cfg = load_config(&opts.config);
     if let Some(h) = &cfg.hostname {
         if let Err(e) = nix::unistd::sethostname(h) {

@@ -187,11 +187,17 @@ pub fn perform<D: BlockDevice + ?Sized>(
             Ok(()) => Event::FlushDone,
             Err(e) => Event::IoFailed(e.to_string()),
         },
+        // The target is read only after a flush (the read-back, or re-hashing what a resumed
+        // install wrote before its checkpoint): its cached pages are dropped first, so what is
+        // hashed is what the disk kept, not what the page cache still holds.
         Action::ReadTarget { offset, len } => {
             match Window::new(&*dev, target.offset, target.len)
                 .map_err(|e| e.to_string())
-                .and_then(|w| read_vec(&w, offset, len).map_err(|e| e.to_string()))
-            {
+                .and_then(|w| {
+                    w.drop_cached(offset, len as u64)
+                        .map_err(|e| e.to_string())?;
+                    read_vec(&w, offset, len).map_err(|e| e.to_string())
+                }) {
                 Ok(b) => Event::TargetBytes(b),
                 Err(e) => Event::IoFailed(e),
             }

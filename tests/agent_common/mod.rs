@@ -79,6 +79,7 @@ async fn start_node_full(
             disk: disk.clone(),
             state_dir: state,
             booted: None,
+            boot_record: None,
             fetch_ca: None,
         },
         control,

@@ -319,6 +319,7 @@ fn status_json(s: &proto::StatusReply) -> serde_json::Value {
         "os_version": s.os_version,
         "agent_version": s.agent_version,
         "booted_slot": s.booted_slot,
+        "booted_from": s.booted_from,
         "next_boot_slot": s.next_boot_slot,
         "rolled_back": s.rolled_back,
         "rolled_back_from": s.rolled_back_from,
@@ -372,6 +373,7 @@ fn print_status(s: &proto::StatusReply) {
             &s.booted_slot
         }
     );
+    println!("known from:  {}", s.booted_from);
     println!(
         "next boot:   {}",
         if s.next_boot_slot.is_empty() {
