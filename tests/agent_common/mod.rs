@@ -74,20 +74,39 @@ async fn start_node_full(
     prepare(&disk);
     let state = dir.path().join("state");
     std::fs::create_dir_all(&state).unwrap();
-    let agent = Agent::new(
-        AgentConfig {
-            disk: disk.clone(),
-            state_dir: state,
-            booted: None,
-            boot_record: None,
-            fetch_ca: None,
-        },
-        control,
-    )
-    .unwrap();
+    let (agent, addr, stop) = serve_agent(node_config(&disk, &state), control, &pki_dir).await;
+    Node {
+        dir,
+        pki: pki_dir,
+        disk,
+        addr,
+        agent,
+        stop: Some(stop),
+    }
+}
+
+/// The configuration a test node's agent starts with: the host-side agent on a disk file.
+pub fn node_config(disk: &Path, state: &Path) -> AgentConfig {
+    AgentConfig {
+        disk: disk.to_path_buf(),
+        state_dir: state.to_path_buf(),
+        booted: None,
+        boot_record: None,
+        fetch_ca: None,
+    }
+}
+
+/// Start an agent with `cfg` serving mutual TLS on a free loopback port; it stops when the
+/// returned sender is used or dropped.
+async fn serve_agent(
+    cfg: AgentConfig,
+    control: Arc<dyn keelos::agent::control::NodeControl>,
+    pki_dir: &Path,
+) -> (Agent, SocketAddr, tokio::sync::oneshot::Sender<()>) {
+    let agent = Agent::new(cfg, control).unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let cfg = tls::server_config(&pki_dir).unwrap();
+    let cfg = tls::server_config(pki_dir).unwrap();
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let a = agent.clone();
     tokio::spawn(async move {
@@ -97,17 +116,24 @@ async fn start_node_full(
         .await
         .unwrap();
     });
-    Node {
-        dir,
-        pki: pki_dir,
-        disk,
-        addr,
-        agent,
-        stop: Some(tx),
-    }
+    (agent, addr, tx)
 }
 
 impl Node {
+    /// Stop this node's agent and start a new one on the same disk and STATE (as keel-init
+    /// restarts a crashed agent), with its configuration changed by `change`.
+    pub async fn restart_agent(&mut self, change: impl FnOnce(&mut AgentConfig)) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        let mut cfg = node_config(&self.disk, &self.dir.path().join("state"));
+        change(&mut cfg);
+        let (agent, addr, stop) = serve_agent(cfg, Arc::new(Unavailable), &self.pki).await;
+        self.agent = agent;
+        self.addr = addr;
+        self.stop = Some(stop);
+    }
+
     /// A client with `role`'s certificate from `gen pki`.
     pub fn client(&self, role: Role) -> KeelClient<tonic::transport::Channel> {
         let p = &self.pki;
