@@ -140,12 +140,15 @@ pub async fn install_on<C: Connect, D: BlockDevice + ?Sized>(
     job: &Job,
     fetcher: Fetcher<C>,
     fetch_size: Option<u64>,
-    dev: &mut D,
-    store: &mut (dyn CheckpointStore + Send),
-    checkpoint_every: u64,
-    mounted: &MountedRoot,
+    disk: OnDisk<'_, D>,
     on_progress: &mut (dyn FnMut(&Progress) + Send),
 ) -> Result<Report, String> {
+    let OnDisk {
+        dev,
+        store,
+        checkpoint_every,
+        mounted,
+    } = disk;
     let req = Request {
         sha256: job.sha256.clone(),
         version: job.version.clone(),
@@ -209,6 +212,24 @@ pub async fn install_on<C: Connect, D: BlockDevice + ?Sized>(
             }
         };
         inst.handle(ev);
+    }
+}
+
+/// The disk side of an install: the device, where its checkpoint lives and how often it is
+/// saved, and the guard against writing the mounted root.
+pub struct OnDisk<'a, D: ?Sized> {
+    pub dev: &'a mut D,
+    pub store: &'a mut (dyn CheckpointStore + Send),
+    pub checkpoint_every: u64,
+    pub mounted: &'a MountedRoot,
+}
+
+impl<D: ?Sized> std::fmt::Debug for OnDisk<'_, D> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OnDisk")
+            .field("checkpoint_every", &self.checkpoint_every)
+            .field("mounted", self.mounted)
+            .finish_non_exhaustive()
     }
 }
 
@@ -284,10 +305,12 @@ pub async fn run_on<C: Connect, D: BlockDevice + ?Sized>(
             &job,
             fetcher,
             fetch_size,
-            dev,
-            store,
-            checkpoint_every,
-            &mounted,
+            OnDisk {
+                dev,
+                store,
+                checkpoint_every,
+                mounted: &mounted,
+            },
             &mut on_progress,
         )
         .await
@@ -317,10 +340,12 @@ pub async fn run<C: Connect>(job: Job, fetcher: Fetcher<C>, ticket: Ticket<Insta
             &job,
             fetcher,
             fetch_size,
-            &mut dev,
-            &mut store,
-            DEFAULT_CHECKPOINT_EVERY,
-            &MountedRoot::System,
+            OnDisk {
+                dev: &mut dev,
+                store: &mut store,
+                checkpoint_every: DEFAULT_CHECKPOINT_EVERY,
+                mounted: &MountedRoot::System,
+            },
             &mut on_progress,
         ))
     })

@@ -75,7 +75,7 @@ pub fn root_device(mountinfo: &str) -> Option<(u32, u32)> {
             let f: Vec<&str> = l.split(' ').collect();
             (f.len() > 4 && f[4] == "/").then(|| f[2])
         })
-        .last()
+        .next_back()
         .and_then(|d| {
             let (a, b) = d.split_once(':')?;
             Some((a.parse().ok()?, b.parse().ok()?))
