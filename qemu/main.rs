@@ -999,3 +999,114 @@ fn power_cuts_during_install_and_first_boot_always_boot_a_verified_slot() {
     assert!(cuts >= 5, "{cuts} cuts");
     eprintln!("power cuts: {cuts} cuts, seed {seed}, the node ends on v2 in slot b");
 }
+
+/// The bytes of `slot` on the node's disk hash to `release`'s published digest (read from the
+/// host's disk image file, not from the node's Status).
+fn assert_slot_bytes(n: &Node, slot: &str, release: &str) {
+    let (bytes, record) = node::slot_hash(&n.disk, slot).unwrap();
+    let want = node::releases().sha256(release);
+    assert_eq!(record, want, "slot {slot}'s record is not {release}'s");
+    assert_eq!(bytes, want, "slot {slot}'s bytes are not {release}'s");
+}
+
+/// keel-agent's pid as the node's supervisor reports it (`osctl services`).
+fn agent_pid(n: &mut Node) -> Option<u64> {
+    let out = n.osctl(&["--output", "json", "services"]).ok()?;
+    let v: serde_json::Value = serde_json::from_str(&out).ok()?;
+    v.as_array()?
+        .iter()
+        .find(|s| s["name"] == "keel-agent" && s["state"] == "running")?["pid"]
+        .as_u64()
+}
+
+/// `osctl restart keel-agent`, then wait until an agent with another pid answers.
+fn restart_agent(n: &mut Node, test: &str) {
+    let before = agent_pid(n).expect("keel-agent is running");
+    let t0 = std::time::Instant::now();
+    let out = n
+        .osctl(&["restart", "keel-agent"])
+        .unwrap_or_else(|e| panic!("osctl restart keel-agent: {e}"));
+    eprintln!("osctl restart keel-agent: {}", out.trim());
+    while agent_pid(n).is_none_or(|p| p == before) {
+        assert!(
+            t0.elapsed() < AGENT_LIMIT,
+            "keel-agent (pid {before}) was not restarted within {AGENT_LIMIT:?}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let (st, _) = n.wait_agent(AGENT_LIMIT);
+    eprintln!(
+        "restarted agent knows the booted slot from: {}",
+        st["booted_from"]
+    );
+    timing(test, "agent restart to agent ready", t0.elapsed());
+}
+
+/// The agent knows the running slot from the boot, not from the flags (issue: an agent that
+/// restarted after an install took the staged slot for the running one and aimed the next
+/// install at the mounted root), and no install is accepted while a boot is on trial.
+/// v1 boots on A; v2 is staged in B; the agent restarts; an install of v3 targets B again and
+/// A still holds v1's bytes. The reboot into B (v3) is on trial: an install is refused while
+/// Status says trying, and accepted once B is marked successful. Before that, `osctl rollback`
+/// makes A the next boot and the agent restarts again: the install then targets A, never the
+/// mounted B, and B keeps v3's bytes.
+#[test]
+fn agent_restart_keeps_the_running_slot_and_trial_boots_refuse_installs() {
+    let test = "agent restart + trial";
+    let mut n = Node::with_health_window("agent-restart", "v1", Some(45));
+    let v2 = n.publish("v2", false);
+    let v3 = n.publish("v3", false);
+    boot_to_agent(&mut n, test);
+    n.wait_booted_successful("a", AGENT_LIMIT);
+    let r = installed(&mut n, &v2, false, test);
+    assert_eq!(r["staged_slot"], "b", "{r}");
+
+    restart_agent(&mut n, test);
+    let st = n.status().unwrap();
+    assert_eq!(st["booted_slot"], "a", "{st}");
+    assert_eq!(st["next_boot_slot"], "b", "{st}");
+    let r = installed(&mut n, &v3, false, test);
+    assert_eq!(
+        r["staged_slot"], "b",
+        "the install after a restart targets B again: {r}"
+    );
+    assert_slot_bytes(&n, "a", "v1");
+
+    // Reboot into B: the trial.
+    let t0 = n.reboot();
+    let (st, _) = n.wait_status(AGENT_LIMIT, "booted from slot b", |s| {
+        s["booted_slot"] == "b"
+    });
+    timing(test, "reboot to agent ready", t0.elapsed());
+    assert_eq!(
+        Node::slot(&st, "b")["state"],
+        "trying",
+        "the agent answered after the health window ended (window 45 s): {st}"
+    );
+    let e = n.install(&v2, false).unwrap_err();
+    eprintln!("install during the trial: {e}");
+    assert!(e.contains("on trial"), "{e}");
+    assert!(
+        e.contains("FailedPrecondition") || e.contains("precondition"),
+        "{e}"
+    );
+    assert_slot_bytes(&n, "a", "v1");
+    let (st, waited) = n.wait_booted_successful("b", AGENT_LIMIT);
+    timing(test, "refused install to slot b marked successful", waited);
+    assert_slot_holds(&st, "b", "v3");
+
+    // Rollback makes A the next boot; an agent restarted now must still know B is running.
+    let out = n.osctl(&["rollback"]).unwrap();
+    assert!(out.contains("slot a"), "{out}");
+    restart_agent(&mut n, test);
+    let st = n.status().unwrap();
+    assert_eq!(st["booted_slot"], "b", "{st}");
+    assert_eq!(st["next_boot_slot"], "a", "{st}");
+    let r = installed(&mut n, &v2, false, test);
+    assert_eq!(
+        r["staged_slot"], "a",
+        "the install targets A, not the mounted B: {r}"
+    );
+    assert_slot_bytes(&n, "b", "v3");
+    assert_slot_bytes(&n, "a", "v2");
+}

@@ -200,9 +200,28 @@ impl Published {
 impl Node {
     /// A node whose factory disk holds `base` (a release name) in slot A, marked successful.
     pub fn new(test: &str, base: &str) -> Node {
+        Node::with_health_window(test, base, None)
+    }
+
+    /// A node like [`Node::new`] whose health window is `window_secs` instead of the tests'
+    /// usual 5 s (a test that must act while a boot is on trial needs the trial to last); the
+    /// boot deadline grows by as much.
+    pub fn with_health_window(test: &str, base: &str, window_secs: Option<u64>) -> Node {
         let r = releases();
         let dir = harness::scratch(test);
         let disk = dir.path().join("disk.img");
+        let config = match window_secs {
+            None => r.config.clone(),
+            Some(w) => {
+                let mut c: serde_json::Value =
+                    serde_json::from_slice(&std::fs::read(&r.config).unwrap()).unwrap();
+                c["health"]["window_secs"] = w.into();
+                c["health"]["boot_deadline_secs"] = (BOOT_DEADLINE_SECS + w).into();
+                let p = dir.path().join("node.json");
+                std::fs::write(&p, serde_json::to_vec_pretty(&c).unwrap()).unwrap();
+                p
+            }
+        };
         run_ok(
             Command::new(KEEL_IMAGE)
                 .args(["build", "disk", "--release"])
@@ -210,7 +229,7 @@ impl Node {
                 .arg("--pki")
                 .arg(&r.pki)
                 .arg("--config")
-                .arg(&r.config)
+                .arg(&config)
                 .arg("--out")
                 .arg(&disk),
             "keel-image build disk",
@@ -412,24 +431,10 @@ impl Node {
 /// proof that it is a verified slot: the slot's record is intact and the slot's bytes hash to
 /// the record's SHA-256. Returns the slot's letter and the record's digest.
 pub fn verified_boot_choice(disk: &Path) -> Result<(&'static str, String), String> {
-    use keelos::block::{read_vec, FileDevice};
-    use sha2::{Digest, Sha256};
-    let dev = FileDevice::open(disk, false).map_err(|e| e.to_string())?;
+    let dev = keelos::block::FileDevice::open(disk, false).map_err(|e| e.to_string())?;
     let (layout, flags) = keelos::bootctl::store::load(&dev).map_err(|e| e.to_string())?;
     let choice = keelos::bootctl::choose_boot(flags).map_err(|e| e.to_string())?;
-    let rec = keelos::update::driver::read_record(&dev, &layout, choice.slot)
-        .map_err(|e| e.to_string())?
-        .ok_or_else(|| format!("slot {} would boot but has no intact record", choice.slot))?;
-    let part = layout.root(choice.slot);
-    let mut h = Sha256::new();
-    let mut at = 0u64;
-    while at < rec.length {
-        let n = (rec.length - at).min(4 << 20) as usize;
-        h.update(read_vec(&dev, part.offset + at, n).map_err(|e| e.to_string())?);
-        at += n as u64;
-    }
-    let got = keelos::update::record::hex(&h.finalize());
-    let want = keelos::update::record::hex(&rec.sha256);
+    let (got, want) = slot_digest(&dev, &layout, choice.slot)?;
     if got != want {
         return Err(format!(
             "slot {} would boot but its bytes hash to {got}, not its record's {want}",
@@ -437,4 +442,36 @@ pub fn verified_boot_choice(disk: &Path) -> Result<(&'static str, String), Strin
         ));
     }
     Ok((choice.slot.letter(), want))
+}
+
+/// The SHA-256 of `slot`'s bytes on `disk` (as many as its record says) and the record's
+/// digest: (bytes, record). Read from the host's disk image file.
+pub fn slot_hash(disk: &Path, slot: &str) -> Result<(String, String), String> {
+    let dev = keelos::block::FileDevice::open(disk, false).map_err(|e| e.to_string())?;
+    let (layout, _) = keelos::bootctl::store::load(&dev).map_err(|e| e.to_string())?;
+    slot_digest(&dev, &layout, slot.parse()?)
+}
+
+fn slot_digest(
+    dev: &keelos::block::FileDevice,
+    layout: &keelos::disk::Layout,
+    slot: keelos::bootctl::Slot,
+) -> Result<(String, String), String> {
+    use keelos::block::read_vec;
+    use sha2::{Digest, Sha256};
+    let rec = keelos::update::driver::read_record(dev, layout, slot)
+        .map_err(|e| e.to_string())?
+        .ok_or_else(|| format!("slot {slot} has no intact record"))?;
+    let part = layout.root(slot);
+    let mut h = Sha256::new();
+    let mut at = 0u64;
+    while at < rec.length {
+        let n = (rec.length - at).min(4 << 20) as usize;
+        h.update(read_vec(dev, part.offset + at, n).map_err(|e| e.to_string())?);
+        at += n as u64;
+    }
+    Ok((
+        keelos::update::record::hex(&h.finalize()),
+        keelos::update::record::hex(&rec.sha256),
+    ))
 }
