@@ -136,17 +136,42 @@ pub fn run<D: BlockDevice + ?Sized>(
     store_cp: &mut dyn CheckpointStore,
     progress: &mut dyn FnMut(&Progress),
 ) -> Result<Report, InstallError> {
+    run_observed(
+        dev,
+        layout,
+        plan,
+        inputs,
+        store_cp,
+        progress,
+        &mut |_, _| {},
+    )
+}
+
+/// [`run`], showing `observe` the device and each action the engine asks for (but Progress)
+/// before the action is carried out: where a crash harness checks what is still unflushed when
+/// the flags change, or where a download starts.
+pub fn run_observed<D: BlockDevice + ?Sized>(
+    dev: &mut D,
+    layout: &Layout,
+    plan: InstallPlan,
+    inputs: &mut dyn InputSource,
+    store_cp: &mut dyn CheckpointStore,
+    progress: &mut dyn FnMut(&Progress),
+    observe: &mut dyn FnMut(&D, &Action),
+) -> Result<Report, InstallError> {
     let saved = store_cp.get().map_err(InstallError::Io)?;
     let target = layout.root(plan.target).clone();
     let source = plan.running.map(|r| layout.root(r).clone());
     let mut inst = Install::new(plan, saved.as_deref())?;
     let mut buf = vec![0u8; super::engine::IO_CHUNK];
     loop {
-        let ev = match inst.poll() {
-            Action::Progress(p) => {
-                progress(&p);
-                continue;
-            }
+        let action = inst.poll();
+        if let Action::Progress(p) = &action {
+            progress(p);
+            continue;
+        }
+        observe(&*dev, &action);
+        let ev = match action {
             Action::Done(r) => return Ok(r),
             Action::Failed(e) => return Err(e),
             Action::Fetch { input, offset } => match inputs.read_at(input, offset, &mut buf) {

@@ -8,12 +8,15 @@
 //! `poll`. [`Action::Done`] and [`Action::Failed`] end the install.
 //!
 //! Order of a full install: validate; invalidate the target's flags (committed and flushed by
-//! the driver); zero the target's record; stream the image into the slot, hashing it, with a
-//! flush and a checkpoint every `checkpoint_every` bytes; flush; read the slot back and compare
-//! its SHA-256; write the record; flush; activate; clear the checkpoint. A delta install first
-//! checks the running slot against its record and downloads the patch, then writes the patched
-//! output the same way. Any delta failure continues as a full install. Nothing before
-//! activation changes the running slot's flags or bytes.
+//! the driver); zero the target's record and flush; stream the image into the slot, hashing
+//! it, with a flush and a checkpoint every `checkpoint_every` bytes; flush; read the slot back
+//! and compare its SHA-256; write the record; flush; activate; clear the checkpoint. A delta
+//! install first checks the running slot against its record and downloads the patch, then
+//! writes the patched output the same way. Any delta failure continues as a full install.
+//! Nothing before activation changes the running slot's flags or bytes. At every instant an
+//! intact record on the target describes the bytes the target holds: the old record is durably
+//! gone before the first image byte is written, and the new one is written only after the
+//! image is durable and read back.
 
 use super::bspatch::{self, Patcher};
 use super::checkpoint::Checkpoint;
@@ -282,6 +285,10 @@ enum Stage {
     },
     Invalidate,
     ClearRecord,
+    /// The zeroed record is made durable before any image byte is written: otherwise a crash
+    /// could keep the old record over partly new bytes, and the slot would describe an image it
+    /// no longer holds.
+    ClearRecordFlush,
     /// Resume: hash the durable prefix back in.
     Rehash {
         pos: u64,
@@ -661,7 +668,10 @@ impl Install {
                     }
                 }
             }
-            s @ (Stage::CheckpointFlush | Stage::EndFlush | Stage::RecordFlush) => {
+            s @ (Stage::ClearRecordFlush
+            | Stage::CheckpointFlush
+            | Stage::EndFlush
+            | Stage::RecordFlush) => {
                 self.stage = s;
                 self.ask(Wait::Flush, Action::Flush)
             }
@@ -797,6 +807,9 @@ impl Install {
             }
             (Wait::Flags, Event::FlagsSet, Stage::Activate) => self.stage = Stage::ClearCheckpoint,
             (Wait::Write, Event::WriteDone, Stage::ClearRecord) => {
+                self.stage = Stage::ClearRecordFlush
+            }
+            (Wait::Flush, Event::FlushDone, Stage::ClearRecordFlush) => {
                 self.stage = if self.durable > 0 {
                     Stage::Rehash { pos: 0 }
                 } else if self.delta_active && self.patcher.is_some() {

@@ -4,8 +4,9 @@
 //! use at most the partition's length minus 4 KiB). Keeping it with the slot means keel-init,
 //! keel-agent and the offline tool read it from the disk alone, before STATE is mounted, and a
 //! record can never describe another slot's bytes. The update engine zeroes the target's record
-//! when it starts writing and writes the new one only after the image has been read back and
-//! verified, before the slot is activated.
+//! and flushes that before it writes any image byte, and writes the new one only after the image
+//! has been flushed, read back and verified, before the slot is activated: an intact record
+//! always describes the bytes its slot holds, whatever a crash keeps.
 
 use crate::block::{BlockDevice, BlockError};
 use serde::Serialize;
