@@ -1,7 +1,9 @@
 //! Shared set-up for the crash-injection suites.
 
-use keelos::block::{BlockDevice, CrashDevice};
+use keelos::block::{BlockDevice, CrashDevice, SplitMix};
 use keelos::disk::{self, LayoutSpec, MIB};
+use proptest::prelude::*;
+use proptest::test_runner::{RngAlgorithm, TestError, TestRng, TestRunner};
 
 /// The smallest KeelOS disk: 1 MiB partitions, so that cloning it for every crash state is cheap.
 pub fn small_spec() -> LayoutSpec {
@@ -47,5 +49,57 @@ pub fn assert_no_write_inside_partitions(dev: &CrashDevice, layout: &disk::Layou
                 p.label
             );
         }
+    }
+}
+
+/// The seed of a randomized test: `KEEL_PROPTEST_SEED` when set, else a fresh one.
+fn proptest_seed() -> u64 {
+    match std::env::var("KEEL_PROPTEST_SEED") {
+        Ok(s) => s
+            .trim()
+            .parse()
+            .unwrap_or_else(|e| panic!("KEEL_PROPTEST_SEED={s:?} is not a u64: {e}")),
+        Err(_) => {
+            let t = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos() as u64);
+            SplitMix(t ^ u64::from(std::process::id()).rotate_left(32)).next_u64()
+        }
+    }
+}
+
+/// Run a property test of `cases` cases drawn from `strategy` with a seeded generator, printing
+/// the seed first, so that `KEEL_PROPTEST_SEED=<seed> cargo test --test proptests <name>`
+/// replays the run. A failure is shrunk and panics with the smallest failing input, which the
+/// test's own function replays directly.
+pub fn run_seeded<S>(name: &str, cases: u32, strategy: S, test: impl Fn(S::Value))
+where
+    S: Strategy,
+    S::Value: std::fmt::Debug,
+{
+    let seed = proptest_seed();
+    eprintln!("{name}: seed {seed}; replay with KEEL_PROPTEST_SEED={seed} cargo test --test proptests {name}");
+    let mut key = [0u8; 32];
+    let mut g = SplitMix(seed);
+    for c in key.chunks_mut(8) {
+        c.copy_from_slice(&g.next_u64().to_le_bytes());
+    }
+    let config = ProptestConfig {
+        cases,
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    };
+    let mut runner =
+        TestRunner::new_with_rng(config, TestRng::from_seed(RngAlgorithm::ChaCha, &key));
+    match runner.run(&strategy, |v| {
+        test(v);
+        Ok(())
+    }) {
+        Ok(()) => {}
+        Err(TestError::Fail(why, value)) => panic!(
+            "{name} failed: {why}\nsmallest failing input: {value:?}\nseed {seed}: replay with \
+             KEEL_PROPTEST_SEED={seed} cargo test --test proptests {name}"
+        ),
+        Err(e) => panic!("{name}: {e}; seed {seed}"),
     }
 }

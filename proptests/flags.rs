@@ -191,7 +191,10 @@ fn exhaustive_crash_enumeration_of_flag_changes() {
             }
         }
     }
-    println!("flag changes: {cases} transitions, {states} crash states enumerated");
+    eprintln!(
+        "crash-enumeration: flag changes: {cases} transitions, every crash point and every \
+         distinct outcome at each: {states} crash states, 0 sampled"
+    );
     assert!(states > 1000, "enumeration covered only {states} states");
 }
 
@@ -394,11 +397,14 @@ fn run_sequence(ops: &[Op]) {
     }
 }
 
-proptest! {
-    #![proptest_config(ProptestConfig { cases: 256, failure_persistence: None, ..ProptestConfig::default() })]
-    /// proptest prints the shrunk operation list of a failure; run_sequence(&that list) replays it.
-    #[test]
-    fn random_flag_sequences_agree_with_the_model(ops in proptest::collection::vec(op(), 1..40)) {
-        run_sequence(&ops);
-    }
+/// Prints its seed; a failure prints the shrunk operation list, and `run_sequence(&that list)`
+/// replays it.
+#[test]
+fn random_flag_sequences_agree_with_the_model() {
+    crate::common::run_seeded(
+        "random_flag_sequences_agree_with_the_model",
+        256,
+        proptest::collection::vec(op(), 1..40),
+        |ops| run_sequence(&ops),
+    );
 }

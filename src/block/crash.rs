@@ -247,12 +247,37 @@ impl CrashDevice {
     /// under it, cannot change the outcome, so it is always kept; every other piece is either
     /// kept or lost, independently.
     pub fn crash_outcomes(&self, max: usize) -> Option<Vec<CrashChoice>> {
-        let mut effective: Vec<(usize, usize)> = Vec::new();
-        let mut shapes: Vec<usize> = Vec::new();
+        let effective = self.effective_pieces();
+        if effective.len() >= usize::BITS as usize - 1 || (1usize << effective.len()) > max {
+            return None;
+        }
+        let shapes: Vec<usize> = self
+            .pending
+            .iter()
+            .map(|w| pieces(w, self.sector_size).len())
+            .collect();
+        let mut out = Vec::with_capacity(1 << effective.len());
+        for mask in 0..(1usize << effective.len()) {
+            let mut bits: Vec<Vec<bool>> = shapes.iter().map(|&n| vec![true; n]).collect();
+            for (k, &(wi, pi)) in effective.iter().enumerate() {
+                bits[wi][pi] = mask & (1 << k) != 0;
+            }
+            out.push(CrashChoice(bits.into_iter().map(fate_of).collect()));
+        }
+        Some(out)
+    }
+
+    /// How many sector pieces of the unflushed writes can change the outcome of a crash now:
+    /// [`Self::crash_outcomes`] has `2^n` of them.
+    pub fn crash_outcome_bits(&self) -> usize {
+        self.effective_pieces().len()
+    }
+
+    /// The (write, piece) indices of the pieces that matter (see [`Self::crash_outcomes`]).
+    fn effective_pieces(&self) -> Vec<(usize, usize)> {
+        let mut effective = Vec::new();
         for (wi, w) in self.pending.iter().enumerate() {
-            let ps = pieces(w, self.sector_size);
-            shapes.push(ps.len());
-            for (pi, (start, end)) in ps.into_iter().enumerate() {
+            for (pi, (start, end)) in pieces(w, self.sector_size).into_iter().enumerate() {
                 let rel = (start - w.offset) as usize..(end - w.offset) as usize;
                 let same =
                     w.data[rel] == self.durable.range(start as usize, (end - start) as usize)[..];
@@ -264,18 +289,7 @@ impl CrashDevice {
                 }
             }
         }
-        if effective.len() >= usize::BITS as usize - 1 || (1usize << effective.len()) > max {
-            return None;
-        }
-        let mut out = Vec::with_capacity(1 << effective.len());
-        for mask in 0..(1usize << effective.len()) {
-            let mut bits: Vec<Vec<bool>> = shapes.iter().map(|&n| vec![true; n]).collect();
-            for (k, &(wi, pi)) in effective.iter().enumerate() {
-                bits[wi][pi] = mask & (1 << k) != 0;
-            }
-            out.push(CrashChoice(bits.into_iter().map(fate_of).collect()));
-        }
-        Some(out)
+        effective
     }
 
     /// A crash outcome derived from `seed`: each unflushed write is dropped, kept or torn.
@@ -416,6 +430,8 @@ mod tests {
         d.write_at(256, &[7; 1024]).unwrap(); // pieces: 256..512, 512..1024, 1024..1280
         let outcomes = d.crash_outcomes(1 << 10).unwrap();
         assert_eq!(outcomes.len(), 8);
+        assert_eq!(d.crash_outcome_bits(), 3);
+        assert!(d.crash_outcomes(7).is_none());
         d.crash(&CrashChoice(vec![WriteFate::Torn(vec![
             false, true, false,
         ])]));
