@@ -6,6 +6,7 @@
 //! Every transition here is a pure function from [`SlotFlags`] to [`SlotFlags`]: no I/O, no
 //! clock. [`store`] reads and commits them on a disk through the crash-safe table writer.
 
+pub mod policy;
 pub mod store;
 
 use serde::{Deserialize, Serialize};
