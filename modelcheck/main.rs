@@ -54,7 +54,7 @@
 //! bound, default 0 = none). Liveness needs faults to stop, so its runs are bounded:
 //! `KEEL_MC_LIVE_CRASHES` (default 2), `KEEL_MC_LIVE_RESTARTS` (1), `KEEL_MC_LIVE_OPS`
 //! (adversarial operator commands: rollbacks, other versions, a bad server; default 2).
-//! The soak (under half a minute at the test profile on these machines; 7 M states):
+//! The soak (under half a minute at the test profile here; about 2.5 M unique states):
 //! `KEEL_MC_VERSIONS=6 KEEL_MC_LIVE_CRASHES=5 KEEL_MC_LIVE_RESTARTS=3 KEEL_MC_LIVE_OPS=4 cargo
 //! test --release --test modelcheck -- --nocapture`.
 //!
