@@ -21,8 +21,9 @@
 //! when it reads the target back or changes the flags to activate it.
 //!
 //! Randomized (`random_installs_with_faults`): random images, patches and sector sizes, with
-//! power cuts and I/O errors placed inside the install (their positions drawn up to the number
-//! of device operations a fault-free run of the same case makes), and resumes.
+//! power cuts and I/O errors whose positions are drawn up to the number of device operations a
+//! fault-free run of the same case makes (a later fault of a case may still come after the
+//! resumed install ends: the test prints how many interrupted one), and resumes.
 
 use crate::common::assert_no_write_inside_partitions;
 use keelos::block::{read_vec, BlockDevice, CrashChoice, CrashDevice, WriteFate};
@@ -785,8 +786,8 @@ fn apply_faults(
     (dev, applied, interrupted)
 }
 
-/// Random cases with up to three faults each, placed inside the install; prints its seed, and
-/// how many faults interrupted an install.
+/// Random cases with up to three faults each, drawn within the span of a fault-free install;
+/// prints its seed, and how many faults interrupted an install.
 #[test]
 fn random_installs_with_faults() {
     let faults = std::cell::Cell::new((0, 0));
