@@ -181,6 +181,60 @@ mod tests {
         assert_eq!(std::fs::metadata(f.path()).unwrap().len(), 8192);
     }
 
+    /// How many of the pages of `len` bytes of `file` are in the page cache (mincore).
+    fn resident_pages(file: &File, len: usize) -> usize {
+        use std::os::fd::AsRawFd;
+        let page = 4096;
+        let pages = len.div_ceil(page);
+        let mut vec = vec![0u8; pages];
+        // SAFETY: a private read-only mapping of `len` bytes of a file we hold open; mincore
+        // writes one byte per page into `vec`, which has that many; the mapping is unmapped
+        // before return and never dereferenced.
+        unsafe {
+            let p = libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ,
+                libc::MAP_SHARED,
+                file.as_raw_fd(),
+                0,
+            );
+            assert_ne!(p, libc::MAP_FAILED, "mmap");
+            let rc = libc::mincore(p, len, vec.as_mut_ptr());
+            libc::munmap(p, len);
+            assert_eq!(rc, 0, "mincore");
+        }
+        vec.iter().filter(|b| *b & 1 == 1).count()
+    }
+
+    /// The read-back after an install goes to the medium: after a flush, `drop_cached` leaves
+    /// none of the range's pages in the page cache, so the next read comes from the disk.
+    #[test]
+    fn drop_cached_empties_the_page_cache_of_the_range() {
+        // /tmp may be tmpfs, whose pages are the storage: use the build tree's file system.
+        let f = tempfile::NamedTempFile::new_in(env!("CARGO_MANIFEST_DIR")).unwrap();
+        let len = 1 << 20;
+        f.as_file().set_len(len as u64).unwrap();
+        let mut d = FileDevice::open(f.path(), true).unwrap();
+        d.write_at(0, &vec![0x5a; len]).unwrap();
+        d.flush().unwrap();
+        let mut buf = vec![0u8; len];
+        d.read_at(0, &mut buf).unwrap();
+        let before = resident_pages(f.as_file(), len);
+        assert!(
+            before > 0,
+            "the written range is not cached at all: the check means nothing"
+        );
+        d.drop_cached(0, len as u64).unwrap();
+        assert_eq!(
+            resident_pages(f.as_file(), len),
+            0,
+            "{before} pages were cached before"
+        );
+        d.read_at(0, &mut buf).unwrap();
+        assert!(buf.iter().all(|b| *b == 0x5a));
+    }
+
     #[test]
     fn missing_file_names_the_path() {
         let err = FileDevice::open("/nonexistent/keel.img", false).unwrap_err();

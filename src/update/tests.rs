@@ -468,3 +468,89 @@ fn engine_refuses_protocol_misuse() {
         Action::Failed(InstallError::Protocol { .. })
     ));
 }
+
+/// A disk whose medium does not keep one byte of a write (it flips it) while its page cache
+/// still returns what was written, until the cached copy is dropped: the read-back must see the
+/// medium, so the install fails and activates nothing. Guards the driver's `drop_cached` before
+/// every read of the target (without it the read-back hashes the cache and the install passes).
+#[test]
+fn the_read_back_sees_the_medium_not_the_page_cache() {
+    use crate::block::BlockError;
+    use std::cell::RefCell;
+
+    struct LyingDisk {
+        medium: MemDevice,
+        cache: RefCell<Vec<Option<u8>>>,
+        /// The device offset whose byte the medium flips when it is written.
+        flip_at: Option<u64>,
+    }
+    impl BlockDevice for LyingDisk {
+        fn sector_size(&self) -> u64 {
+            self.medium.sector_size()
+        }
+        fn len(&self) -> u64 {
+            self.medium.len()
+        }
+        fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), BlockError> {
+            self.medium.read_at(offset, buf)?;
+            let cache = self.cache.borrow();
+            for (i, b) in buf.iter_mut().enumerate() {
+                if let Some(c) = cache[offset as usize + i] {
+                    *b = c;
+                }
+            }
+            Ok(())
+        }
+        fn write_at(&mut self, offset: u64, data: &[u8]) -> Result<(), BlockError> {
+            self.medium.write_at(offset, data)?;
+            let mut cache = self.cache.borrow_mut();
+            cache[offset as usize..offset as usize + data.len()]
+                .iter_mut()
+                .zip(data)
+                .for_each(|(c, b)| *c = Some(*b));
+            if let Some(at) = self
+                .flip_at
+                .filter(|at| (offset..offset + data.len() as u64).contains(at))
+            {
+                let mut b = [0u8];
+                self.medium.read_at(at, &mut b)?;
+                self.medium.write_at(at, &[!b[0]])?;
+            }
+            Ok(())
+        }
+        fn flush(&mut self) -> Result<(), BlockError> {
+            self.medium.flush()
+        }
+        fn drop_cached(&self, offset: u64, len: u64) -> Result<(), BlockError> {
+            let mut cache = self.cache.borrow_mut();
+            cache[offset as usize..(offset + len) as usize].fill(None);
+            Ok(())
+        }
+    }
+
+    let v1 = image(1, 300_000);
+    let v2 = image(2, 300_000);
+    let len = 6 * MIB + 65536;
+    let mut dev = LyingDisk {
+        medium: MemDevice::new(len, 512),
+        cache: RefCell::new(vec![None; len as usize]),
+        flip_at: None,
+    };
+    running_v1(&mut dev, &v1);
+    let target = disk::open(&dev).unwrap().root(Slot::B).offset;
+    dev.flip_at = Some(target + 1000);
+    let err = install(
+        &mut dev,
+        req(&v2, v2.len()),
+        inputs(v2.clone(), None),
+        &mut MemStore::default(),
+    )
+    .expect_err("the medium lost a byte of the image: the read-back must catch it");
+    assert!(
+        matches!(err, InstallError::ReadBackMismatch { .. }),
+        "{err}"
+    );
+    let (_, flags) = store::load(&dev).unwrap();
+    assert_eq!(flags.get(Slot::B).state(), SlotState::Invalid, "{flags:?}");
+    assert_eq!(flags.preferred(), Some(Slot::A));
+}
