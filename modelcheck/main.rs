@@ -274,11 +274,12 @@ fn mutation_install_during_trial_is_caught() {
     expect_found(&c, model::FALLBACK);
 }
 
-/// The agent's inline rule today refuses installs while the running slot is `Trying`; on the
-/// last try the state is `Failed`, and the install is admitted.
+/// The agent's former rule refused installs while the running slot's state was `Trying`; on
+/// the last try the state is `Failed`, and the install was admitted (found by this check; the
+/// agent now asks `bootctl::policy::admit_install`).
 #[test]
-fn the_agents_trial_rule_today_misses_the_last_try() {
-    let c = check(mutant(Mutation::None, TrialRule::AgentToday, true));
+fn the_former_trial_rule_misses_the_last_try() {
+    let c = check(mutant(Mutation::None, TrialRule::StateIsTrying, true));
     expect_found(&c, model::LAST_GOOD_KEPT);
 }
 
@@ -359,12 +360,12 @@ fn the_model_reaches_what_it_should() {
     }
 }
 
-/// The liveness check can fail: with the agent's trial rule of today, the operator's re-issued
+/// The liveness check can fail: with the agent's former trial rule, the operator's re-issued
 /// install on the bad release's last try invalidates the only good slot, and nothing boots.
 #[test]
 fn liveness_catches_the_last_try_hole() {
     let mut cfg = liveness_config(Goal::BadRollsBack { bad: 2 });
-    cfg.trial_rule = TrialRule::AgentToday;
+    cfg.trial_rule = TrialRule::StateIsTrying;
     let r = liveness::check(&NodeModel::new(cfg));
     assert!(r.is_err(), "expected a liveness failure");
 }

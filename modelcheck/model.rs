@@ -293,9 +293,9 @@ pub enum Mutation {
 pub enum TrialRule {
     /// `bootctl::policy::admit_install`: refused while the running slot is not successful.
     Policy,
-    /// The rule inline in `agent/service.rs` (InstallUpdate) today: refused while the running
-    /// slot's state is `Trying`.
-    AgentToday,
+    /// The rule `agent/service.rs` (InstallUpdate) had before it used the policy: refused
+    /// while the running slot's state is `Trying`.
+    StateIsTrying,
 }
 
 /// What liveness goal a configuration is checked for.
@@ -547,7 +547,7 @@ impl NodeModel {
         let admitted = match (self.cfg.mutation, self.cfg.trial_rule) {
             (Mutation::InstallDuringTrial | Mutation::Both, _) => true,
             (_, TrialRule::Policy) => policy::admit_install(flags, running).is_ok(),
-            (_, TrialRule::AgentToday) => {
+            (_, TrialRule::StateIsTrying) => {
                 running.is_none_or(|r| flags.get(r).state() != SlotState::Trying)
             }
         };
