@@ -154,6 +154,8 @@ impl NodeControl for InitSocket {
             // keel-init counts bytes; a line is taken as at most 256 bytes of tail
             let tail_bytes = (tail > 0).then(|| u64::from(tail) * 256);
             let (tx, rx) = tokio::sync::mpsc::channel(64);
+            let closer = tx.clone();
+            let (thread_done, ended) = tokio::sync::oneshot::channel::<()>();
             let (path, timeout) = (self.path.clone(), self.timeout);
             let first = tokio::task::spawn_blocking(move || {
                 let mut c = crate::control::Client::connect(&path, timeout).map_err(from_init)?;
@@ -164,10 +166,12 @@ impl NodeControl for InitSocket {
                             break;
                         }
                     }
-                    return Ok(());
+                    return Ok(None);
                 }
                 let stream = c.follow_logs(&service, tail_bytes).map_err(from_init)?;
+                let hang_up = stream.hang_up_handle().map_err(from_init)?;
                 std::thread::spawn(move || {
+                    let _done = thread_done;
                     let mut partial = String::new();
                     for chunk in stream {
                         let Ok(chunk) = chunk else { break };
@@ -180,11 +184,24 @@ impl NodeControl for InitSocket {
                         }
                     }
                 });
-                Ok(())
+                Ok(Some(hang_up))
             });
-            first.await.map_err(|e| {
+            let hang_up = first.await.map_err(|e| {
                 ControlError::Unavailable(format!("control call did not finish: {e}"))
             })??;
+            // The reader of a quiet log may leave while the thread waits for output: hang up
+            // then, so that the thread here and keel-init's end with the stream, not at the
+            // service's next line.
+            if let Some(sock) = hang_up {
+                tokio::spawn(async move {
+                    tokio::select! {
+                        _ = closer.closed() => {
+                            let _ = sock.shutdown(std::net::Shutdown::Both);
+                        }
+                        _ = ended => {}
+                    }
+                });
+            }
             Ok(rx)
         })
     }

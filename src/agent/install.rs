@@ -12,7 +12,8 @@ use super::proto;
 use crate::block::{BlockDevice, FileDevice};
 use crate::bootctl::Slot;
 use crate::disk::Layout;
-use crate::fetch::{Connect, Download, Fetcher};
+use crate::fetch::{Connect, Download, Fetcher, Limit};
+use crate::update::bspatch::MAX_PATCH_LEN;
 use crate::update::checkpoint::{CheckpointStore, FileStore};
 use crate::update::driver::{self, Request};
 use crate::update::engine::{Action, Event, Install, IO_CHUNK};
@@ -79,7 +80,20 @@ impl<C: Connect> NetInputs<C> {
             // A new input, or the engine wants another offset (resume from its checkpoint):
             // open a download there (a Range request when offset > 0).
             let url = self.url(input)?;
-            let d = self.fetcher.get(&url, offset).map_err(|e| e.to_string())?;
+            let d = match input {
+                Input::Full => self.fetcher.get(&url, offset),
+                // The engine holds the patch in memory whole.
+                Input::Patch => self.fetcher.get_limited(
+                    &url,
+                    offset,
+                    Limit {
+                        bytes: self.fetcher.memory_limit().min(MAX_PATCH_LEN),
+                        what: "a patch (held in memory whole)",
+                        hint: "keel-agent --max-patch-size, at most 128 MiB",
+                    },
+                ),
+            }
+            .map_err(|e| e.to_string())?;
             self.current = Some((input, d));
             self.leftover = Bytes::new();
             self.leftover_at = offset;

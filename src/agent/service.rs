@@ -40,6 +40,16 @@ pub struct AgentConfig {
     pub fetch_ca: Option<PathBuf>,
 }
 
+/// Log streams (followed or not) open at once: each followed one costs a thread here and one
+/// in keel-init, so a reader opening a thousand must not get them.
+pub const MAX_LOG_STREAMS: usize = 8;
+/// HTTP/2 streams (calls) open at once on one connection.
+pub const MAX_STREAMS_PER_CONNECTION: u32 = 32;
+/// A connection whose peer does not answer an HTTP/2 ping within `KEEPALIVE_TIMEOUT`, sent
+/// after `KEEPALIVE_INTERVAL` of quiet, is closed (a peer that vanished without a FIN).
+pub const KEEPALIVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(30);
+pub const KEEPALIVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// The system's CA bundle on Debian and in the KeelOS image.
 pub const SYSTEM_CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
 
@@ -54,6 +64,8 @@ pub struct Agent<D: NodeDisk = FileDisk, C: Connect = TcpConnect> {
     control: Arc<dyn NodeControl>,
     started: Instant,
     fetcher: Fetcher<C>,
+    /// Permits for [`MAX_LOG_STREAMS`].
+    log_streams: Arc<tokio::sync::Semaphore>,
 }
 
 impl<D: NodeDisk, C: Connect> Clone for Agent<D, C> {
@@ -66,6 +78,7 @@ impl<D: NodeDisk, C: Connect> Clone for Agent<D, C> {
             control: self.control.clone(),
             started: self.started,
             fetcher: self.fetcher.clone(),
+            log_streams: self.log_streams.clone(),
         }
     }
 }
@@ -224,7 +237,8 @@ impl Agent {
             }
             None => empty_roots(),
         };
-        let fetcher = Fetcher::new(TcpConnect, tls, crate::fetch::Policy::default());
+        let fetcher = Fetcher::new(TcpConnect, tls, crate::fetch::Policy::default())
+            .with_min_rate(Some(crate::fetch::MinRate::default()));
         let disk = FileDisk {
             disk: cfg.disk.clone(),
         };
@@ -267,7 +281,23 @@ impl<D: NodeDisk, C: Connect> Agent<D, C> {
             control,
             started: Instant::now(),
             fetcher,
+            log_streams: Arc::new(tokio::sync::Semaphore::new(MAX_LOG_STREAMS)),
         }
+    }
+
+    /// The same agent with other download limits: the slowest a download may be (`None`: no
+    /// minimum; [`Agent::new`] uses [`crate::fetch::MinRate::default`]) and the largest patch
+    /// it holds in memory (at most [`crate::update::bspatch::MAX_PATCH_LEN`]).
+    pub fn with_download_limits(
+        mut self,
+        min_rate: Option<crate::fetch::MinRate>,
+        max_patch: u64,
+    ) -> Self {
+        self.fetcher = self
+            .fetcher
+            .with_min_rate(min_rate)
+            .with_memory_limit(max_patch.min(crate::update::bspatch::MAX_PATCH_LEN));
+        self
     }
 
     /// The node configuration on STATE.
@@ -672,13 +702,23 @@ impl<D: NodeDisk, C: Connect> Keel for Agent<D, C> {
         if r.service.trim().is_empty() {
             return Err(Status::invalid_argument("service name is empty"));
         }
+        // Held by the stream: released when the reader goes away or the log ends.
+        let permit = self.log_streams.clone().try_acquire_owned().map_err(|_| {
+            Status::resource_exhausted(format!(
+                "{MAX_LOG_STREAMS} log streams are open on this node already (the limit): \
+                     close one, or retry when one ends"
+            ))
+        })?;
         let rx = self
             .control
             .logs(r.service, r.follow, r.tail_lines)
             .await
             .map_err(control_status)?;
         let s = tokio_stream::wrappers::ReceiverStream::new(rx);
-        let s = tokio_stream::StreamExt::map(s, |line| Ok(proto::LogLine { line }));
+        let s = tokio_stream::StreamExt::map(s, move |line| {
+            let _held = &permit;
+            Ok(proto::LogLine { line })
+        });
         Ok(Response::new(Box::pin(s)))
     }
 }
@@ -726,6 +766,9 @@ pub async fn serve<D: NodeDisk, C: Connect, L: super::tls::Listener>(
 ) -> Result<(), tonic::transport::Error> {
     let incoming = super::tls::incoming(listener, tls);
     tonic::transport::Server::builder()
+        .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
+        .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
         .add_service(proto::keel_server::KeelServer::new(agent))
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await

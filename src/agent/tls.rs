@@ -25,6 +25,10 @@ use tokio_rustls::{TlsAcceptor, TlsConnector};
 
 /// How long a peer may take to complete the handshake before it is dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Connections held at once, in the handshake or after it. Beyond this the listener stops
+/// accepting (new peers wait in the kernel's backlog) until one closes, so a flood of
+/// connections costs the agent no more than this many sockets and tasks.
+pub const MAX_CONNECTIONS: usize = 64;
 
 /// Building a TLS configuration failed.
 #[derive(Debug, thiserror::Error)]
@@ -120,6 +124,8 @@ pub struct Peer {
 pub struct PeerStream<S = TcpStream> {
     inner: tokio_rustls::server::TlsStream<S>,
     peer: Peer,
+    /// This connection's place among [`MAX_CONNECTIONS`], given back when it closes.
+    _slot: tokio::sync::OwnedSemaphorePermit,
 }
 
 impl<S: Io> tonic::transport::server::Connected for PeerStream<S> {
@@ -186,8 +192,12 @@ pub fn incoming<L: Listener>(
 ) -> tokio_stream::wrappers::ReceiverStream<Result<PeerStream<L::Stream>, io::Error>> {
     let (tx, rx) = tokio::sync::mpsc::channel(64);
     let acceptor = TlsAcceptor::from(cfg);
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     tokio::spawn(async move {
         loop {
+            let Ok(slot) = slots.clone().acquire_owned().await else {
+                return;
+            };
             let (tcp, addr) = match listener.accept().await {
                 Ok(x) => x,
                 Err(e) => {
@@ -226,7 +236,13 @@ pub fn incoming<L: Listener>(
                     role,
                     subject,
                 };
-                let _ = tx.send(Ok(PeerStream { inner: tls, peer })).await;
+                let _ = tx
+                    .send(Ok(PeerStream {
+                        inner: tls,
+                        peer,
+                        _slot: slot,
+                    }))
+                    .await;
             });
         }
     });

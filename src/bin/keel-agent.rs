@@ -39,6 +39,17 @@ struct Args {
     /// CA bundle (PEM) trusted for https update downloads (default: the system bundle).
     #[arg(long)]
     fetch_ca: Option<PathBuf>,
+    /// Slowest download accepted, in bytes per second averaged over --fetch-rate-window; a
+    /// slower one fails the install (re-run it to resume). 0: no minimum.
+    #[arg(long, default_value_t = 1024)]
+    fetch_min_rate: u64,
+    /// Seconds over which --fetch-min-rate is averaged.
+    #[arg(long, default_value_t = 120, value_parser = clap::value_parser!(u64).range(1..))]
+    fetch_rate_window: u64,
+    /// Largest delta patch accepted, in bytes (it is held in memory; at most 128 MiB). A larger
+    /// one is not downloaded: the install uses the full image.
+    #[arg(long, default_value_t = keelos::update::bspatch::MAX_PATCH_LEN)]
+    max_patch_size: u64,
 }
 
 fn main() -> ExitCode {
@@ -83,7 +94,14 @@ async fn run(args: Args) -> Result<(), String> {
         },
         control,
     )
-    .map_err(|e| format!("boot disk {}: {e}", args.disk.display()))?;
+    .map_err(|e| format!("boot disk {}: {e}", args.disk.display()))?
+    .with_download_limits(
+        (args.fetch_min_rate > 0).then(|| keelos::fetch::MinRate {
+            bytes_per_second: args.fetch_min_rate,
+            window: std::time::Duration::from_secs(args.fetch_rate_window),
+        }),
+        args.max_patch_size,
+    );
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;

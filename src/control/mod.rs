@@ -259,6 +259,15 @@ pub struct LogFollow {
     client: Client,
 }
 
+impl LogFollow {
+    /// A handle on the connection: shutting it down ends the follow on both sides (this
+    /// iterator returns `None`; keel-init sees the hang-up and ends its thread), even while no
+    /// new output arrives.
+    pub fn hang_up_handle(&self) -> Result<UnixStream, ControlError> {
+        Ok(self.client.writer.try_clone()?)
+    }
+}
+
 impl Iterator for LogFollow {
     type Item = Result<String, ControlError>;
     fn next(&mut self) -> Option<Self::Item> {

@@ -3,8 +3,13 @@
 //! This module owns getting bytes from a URL to a consumer in order: connecting (through a
 //! [`Connect`] implementation, so a simulated network can plug its own streams in), TLS with a
 //! configurable CA bundle, retries with backoff, timeouts on connect and on a stalled body, and
-//! resuming a cut download from the byte it stopped at. It never writes a file (no temporary
-//! copy of an image) and never interprets the bytes: the update engine does.
+//! resuming a cut download from the byte it stopped at, a minimum rate (a server that drips a
+//! byte now and then must not keep an install alive forever) and a length limit for inputs that
+//! are held in memory. It never writes a file (no temporary copy of an image) and never
+//! interprets the bytes: the update engine does.
+//!
+//! URLs in errors are redacted ([`redact_url`]): a presigned URL's query string and any user
+//! information are credentials, and errors end up in Status, which every role may read.
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
@@ -106,6 +111,77 @@ pub enum FetchError {
     },
     #[error("CA bundle {path}: {reason}")]
     CaBundle { path: String, reason: String },
+    #[error(
+        "{url}: only {got} bytes arrived in {secs} s, less than the minimum of {rate} bytes/s \
+         (the server or the network is too slow, or stalls on purpose); fix the server or the \
+         network, or lower keel-agent's --fetch-min-rate"
+    )]
+    TooSlow {
+        url: String,
+        got: u64,
+        secs: u64,
+        rate: u64,
+    },
+    #[error(
+        "{url} is larger than the {limit}-byte limit on {what}; use a smaller file, or raise \
+         the limit ({hint})"
+    )]
+    TooLong {
+        url: String,
+        limit: u64,
+        what: &'static str,
+        hint: &'static str,
+    },
+}
+
+/// `url` as it may be shown in errors and logs: without user information (`user:password@`),
+/// query string or fragment, which carry credentials in presigned URLs. A removed query shows
+/// as `?<redacted>`.
+pub fn redact_url(url: &str) -> String {
+    let (before_query, had_query) = match url.find(['?', '#']) {
+        Some(i) => (&url[..i], true),
+        None => (url, false),
+    };
+    let (scheme, rest) = match before_query.split_once("://") {
+        Some((s, r)) => (Some(s), r),
+        None => (None, before_query),
+    };
+    let (authority, path) = match rest.find('/') {
+        Some(i) => rest.split_at(i),
+        None => (rest, ""),
+    };
+    let host = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    let mut out = String::new();
+    if let Some(s) = scheme {
+        out.push_str(s);
+        out.push_str("://");
+    }
+    out.push_str(host);
+    out.push_str(path);
+    if had_query {
+        out.push_str("?<redacted>");
+    }
+    out
+}
+
+/// The slowest a download may be: fewer than `bytes_per_second` x `window` bytes arriving
+/// while the consumer waits for `window` is an error ([`FetchError::TooSlow`]). Only time spent
+/// waiting for the server counts, so a slow consumer does not make the server look slow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MinRate {
+    pub bytes_per_second: u64,
+    pub window: Duration,
+}
+
+impl Default for MinRate {
+    /// 1 KiB/s averaged over 2 minutes: far below any working update server, far above a
+    /// server that drips a byte now and then.
+    fn default() -> Self {
+        MinRate {
+            bytes_per_second: 1024,
+            window: Duration::from_secs(120),
+        }
+    }
 }
 
 /// A parsed download URL.
@@ -119,10 +195,17 @@ pub struct Target {
     pub path: String,
 }
 
+impl Target {
+    /// The URL as errors show it (see [`redact_url`]).
+    pub fn shown(&self) -> String {
+        redact_url(&self.url)
+    }
+}
+
 /// Parse and check a URL: http or https, with a host.
 pub fn parse_url(url: &str) -> Result<Target, FetchError> {
     let bad = |reason: &str| FetchError::BadUrl {
-        url: url.to_string(),
+        url: redact_url(url),
         reason: reason.to_string(),
     };
     if url.is_empty() {
@@ -135,7 +218,7 @@ pub fn parse_url(url: &str) -> Result<Target, FetchError> {
                 .all(|c| c.is_ascii_alphanumeric() || c == '+' || c == '-' || c == '.');
         if valid && s != "http" && s != "https" {
             return Err(FetchError::UnsupportedScheme {
-                url: url.to_string(),
+                url: redact_url(url),
                 scheme: scheme.to_string(),
             });
         }
@@ -151,7 +234,7 @@ pub fn parse_url(url: &str) -> Result<Target, FetchError> {
         "https" => true,
         other => {
             return Err(FetchError::UnsupportedScheme {
-                url: url.to_string(),
+                url: redact_url(url),
                 scheme: other.to_string(),
             })
         }
@@ -207,12 +290,19 @@ pub struct Fetcher<C: Connect = TcpConnect> {
     connect: C,
     tls: Arc<rustls::ClientConfig>,
     policy: Policy,
+    min_rate: Option<MinRate>,
+    memory_limit: u64,
 }
+
+/// The default of [`Fetcher::memory_limit`].
+pub const DEFAULT_MEMORY_LIMIT: u64 = 128 << 20;
 
 impl<C: Connect> std::fmt::Debug for Fetcher<C> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Fetcher")
             .field("policy", &self.policy)
+            .field("min_rate", &self.min_rate)
+            .field("memory_limit", &self.memory_limit)
             .finish_non_exhaustive()
     }
 }
@@ -259,13 +349,34 @@ enum Answer {
 }
 
 impl<C: Connect> Fetcher<C> {
-    /// `tls` is used for https URLs (see [`tls_with_ca_bundle`]).
+    /// `tls` is used for https URLs (see [`tls_with_ca_bundle`]). No minimum rate until
+    /// [`with_min_rate`](Self::with_min_rate).
     pub fn new(connect: C, tls: Arc<rustls::ClientConfig>, policy: Policy) -> Self {
         Fetcher {
             connect,
             tls,
             policy,
+            min_rate: None,
+            memory_limit: DEFAULT_MEMORY_LIMIT,
         }
+    }
+
+    /// The largest download a consumer should hold in memory whole (a delta's patch); the
+    /// consumer passes it to [`get_limited`](Self::get_limited).
+    pub fn memory_limit(&self) -> u64 {
+        self.memory_limit
+    }
+
+    /// Set [`memory_limit`](Self::memory_limit).
+    pub fn with_memory_limit(mut self, bytes: u64) -> Self {
+        self.memory_limit = bytes;
+        self
+    }
+
+    /// Downloads fail when slower than `min` (`None`: never).
+    pub fn with_min_rate(mut self, min: Option<MinRate>) -> Self {
+        self.min_rate = min;
+        self
     }
 
     /// Start downloading `url` from byte `offset` (0: the whole file; more: resume, which needs
@@ -283,7 +394,24 @@ impl<C: Connect> Fetcher<C> {
             reconnects: 0,
             done: false,
             last_cut: None,
+            limit: None,
+            window_waited: Duration::ZERO,
+            window_bytes: 0,
         })
+    }
+
+    /// Like [`get`](Self::get), for a file that must not be longer than `limit` bytes (it is
+    /// held in memory): a longer one ends in [`FetchError::TooLong`], as soon as the server's
+    /// length or the bytes received show it. `what` and `hint` complete the message.
+    pub fn get_limited(
+        &self,
+        url: &str,
+        offset: u64,
+        limit: Limit,
+    ) -> Result<Download<C>, FetchError> {
+        let mut d = self.get(url, offset)?;
+        d.limit = Some(limit);
+        Ok(d)
     }
 
     /// The size of the file at `url`, asked with a one-byte Range request (a server that ignores
@@ -390,7 +518,7 @@ impl<C: Connect> Fetcher<C> {
         }
         let req = req.body(Empty::<Bytes>::new()).map_err(|e| {
             Attempt::Fatal(FetchError::BadUrl {
-                url: t.url.clone(),
+                url: t.shown(),
                 reason: e.to_string(),
             })
         })?;
@@ -406,7 +534,7 @@ impl<C: Connect> Fetcher<C> {
             .and_then(|v| v.parse::<u64>().ok());
         match status {
             200 if pos > 0 => Err(Attempt::Fatal(FetchError::RangeIgnored {
-                url: t.url.clone(),
+                url: t.shown(),
                 offset: pos,
             })),
             200 => Ok(Answer::Body(resp.into_body(), len)),
@@ -422,14 +550,14 @@ impl<C: Connect> Fetcher<C> {
                         Ok(Answer::Body(resp.into_body(), total))
                     }
                     _ => Err(Attempt::Fatal(FetchError::BadContentRange {
-                        url: t.url.clone(),
+                        url: t.shown(),
                         offset: pos,
                         got: cr,
                     })),
                 }
             }
             300..=399 => Err(Attempt::Fatal(FetchError::Redirect {
-                url: t.url.clone(),
+                url: t.shown(),
                 status,
                 location: resp
                     .headers()
@@ -448,14 +576,14 @@ impl<C: Connect> Fetcher<C> {
                 match unsatisfied_range_len(cr) {
                     Some(len) if len == pos => Ok(Answer::Complete(len)),
                     _ => Err(Attempt::Fatal(FetchError::Status {
-                        url: t.url.clone(),
+                        url: t.shown(),
                         status,
                     })),
                 }
             }
             500..=599 => Err(Attempt::Server(status)),
             _ => Err(Attempt::Fatal(FetchError::Status {
-                url: t.url.clone(),
+                url: t.shown(),
                 status,
             })),
         }
@@ -480,6 +608,15 @@ fn parse_content_range(v: &str) -> Option<(u64, Option<u64>)> {
     Some((first.parse().ok()?, total))
 }
 
+/// A length limit for [`Fetcher::get_limited`], with what the message calls the file and how
+/// the limit is raised.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limit {
+    pub bytes: u64,
+    pub what: &'static str,
+    pub hint: &'static str,
+}
+
 trait IoObj: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> IoObj for T {}
 
@@ -496,12 +633,16 @@ pub struct Download<C: Connect = TcpConnect> {
     reconnects: u32,
     done: bool,
     last_cut: Option<String>,
+    limit: Option<Limit>,
+    /// The minimum-rate window: time spent waiting for the server, and the bytes it brought.
+    window_waited: Duration,
+    window_bytes: u64,
 }
 
 impl<C: Connect> std::fmt::Debug for Download<C> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Download")
-            .field("url", &self.target.url)
+            .field("url", &self.target.shown())
             .field("pos", &self.pos)
             .field("total", &self.total)
             .finish_non_exhaustive()
@@ -535,12 +676,12 @@ impl<C: Connect> Download<C> {
             if self.attempts >= self.fetcher.policy.max_attempts {
                 return Err(match last_status {
                     Some(status) => FetchError::ServerError {
-                        url: self.target.url.clone(),
+                        url: self.target.shown(),
                         status,
                         attempts: self.attempts,
                     },
                     None => FetchError::GaveUp {
-                        url: self.target.url.clone(),
+                        url: self.target.shown(),
                         attempts: self.attempts,
                         last,
                     },
@@ -559,7 +700,7 @@ impl<C: Connect> Download<C> {
                 Ok(Ok(Answer::Complete(len))) => {
                     if let Some(before) = self.total.filter(|&t| t != len) {
                         return Err(FetchError::SizeChanged {
-                            url: self.target.url.clone(),
+                            url: self.target.shown(),
                             before,
                             after: len,
                         });
@@ -578,7 +719,7 @@ impl<C: Connect> Download<C> {
                     if let (Some(before), Some(after)) = (self.total, total) {
                         if before != after {
                             return Err(FetchError::SizeChanged {
-                                url: self.target.url.clone(),
+                                url: self.target.shown(),
                                 before,
                                 after,
                             });
@@ -608,9 +749,66 @@ impl<C: Connect> Download<C> {
         }
     }
 
-    /// The next bytes of the file, or `None` at its end. Bounded by the retry policy: a
-    /// connection that keeps failing ends in an error, never a hang.
+    /// The next bytes of the file, or `None` at its end. Bounded by the retry policy (a
+    /// connection that keeps failing ends in an error, never a hang), the fetcher's minimum
+    /// rate and the download's length limit.
     pub async fn next(&mut self) -> Result<Option<Bytes>, FetchError> {
+        let r = match self.fetcher.min_rate {
+            None => self.next_unpaced().await,
+            Some(min) => self.next_paced(min).await,
+        };
+        if let (Some(l), Ok(_)) = (self.limit, &r) {
+            if self.pos > l.bytes || self.total.is_some_and(|t| t > l.bytes) {
+                self.body = None;
+                self.done = true;
+                return Err(FetchError::TooLong {
+                    url: self.target.shown(),
+                    limit: l.bytes,
+                    what: l.what,
+                    hint: l.hint,
+                });
+            }
+        }
+        r
+    }
+
+    /// [`next_unpaced`](Self::next_unpaced) under the minimum rate: the time waited counts
+    /// toward a window of `min.window`; at its end, the bytes of the window must make the rate.
+    async fn next_paced(&mut self, min: MinRate) -> Result<Option<Bytes>, FetchError> {
+        loop {
+            let left = min.window.saturating_sub(self.window_waited);
+            let t0 = tokio::time::Instant::now();
+            let r = tokio::time::timeout(left, self.next_unpaced()).await;
+            self.window_waited += t0.elapsed();
+            match &r {
+                Ok(Ok(Some(b))) => self.window_bytes += b.len() as u64,
+                // the end, or an error of its own
+                Ok(_) => return r.unwrap_or(Ok(None)),
+                Err(_) => {}
+            }
+            if self.window_waited >= min.window {
+                let need = min
+                    .bytes_per_second
+                    .saturating_mul(min.window.as_secs().max(1));
+                if self.window_bytes < need {
+                    self.body = None;
+                    return Err(FetchError::TooSlow {
+                        url: self.target.shown(),
+                        got: self.window_bytes,
+                        secs: self.window_waited.as_secs(),
+                        rate: min.bytes_per_second,
+                    });
+                }
+                self.window_waited = Duration::ZERO;
+                self.window_bytes = 0;
+            }
+            if let Ok(r) = r {
+                return r;
+            }
+        }
+    }
+
+    async fn next_unpaced(&mut self) -> Result<Option<Bytes>, FetchError> {
         loop {
             if self.done {
                 return Ok(None);
@@ -644,7 +842,7 @@ impl<C: Connect> Download<C> {
                         }
                         Some(t) if self.pos > t => {
                             return Err(FetchError::SizeChanged {
-                                url: self.target.url.clone(),
+                                url: self.target.shown(),
                                 before: t,
                                 after: self.pos,
                             })
@@ -699,6 +897,26 @@ mod tests {
                 Err(FetchError::UnsupportedScheme { scheme, .. }) => assert_eq!(scheme, s),
                 other => panic!("{u}: {other:?}"),
             }
+        }
+    }
+
+    /// Guards URL redaction (issue 11, item 5).
+    #[test]
+    fn redacted_urls_keep_no_credentials() {
+        for (url, shown) in [
+            (
+                "https://u:pw@bucket.s3.example:8443/img.zst?X-Amz-Signature=abc#f",
+                "https://bucket.s3.example:8443/img.zst?<redacted>",
+            ),
+            ("http://h/a/b", "http://h/a/b"),
+            ("http://tok@h?x=1", "http://h?<redacted>"),
+            ("not a url?secret", "not a url?<redacted>"),
+        ] {
+            assert_eq!(redact_url(url), shown, "{url}");
+        }
+        match parse_url("gopher://u:pw@h/x?sig=abc") {
+            Err(e) => assert!(!e.to_string().contains("pw") && !e.to_string().contains("sig")),
+            Ok(t) => panic!("{t:?}"),
         }
     }
 

@@ -11,6 +11,13 @@
 
 /// The largest piece of source asked for, or of output produced, at once.
 pub const CHUNK: usize = 256 * 1024;
+/// The most control tuples one [`Patcher::step`] reads without producing output. Tuples that
+/// add and copy nothing cost no output, so without this bound a patch of them keeps one step
+/// busy for as long as its control block lasts.
+pub const IDLE_TUPLES_PER_STEP: u32 = 1024;
+/// The largest patch an install accepts: a patch is held in memory whole, so this bounds what
+/// a delta costs in memory. A larger patch is refused (the install falls back to the full image).
+pub const MAX_PATCH_LEN: u64 = 128 << 20;
 const HEADER: usize = 32;
 
 /// Why a patch cannot be applied. The source and the output are unaffected.
@@ -22,6 +29,11 @@ pub enum PatchError {
     BadHeader(String),
     #[error("patch output would be {claimed} bytes, more than the {limit} bytes it may write")]
     TooLarge { claimed: u64, limit: u64 },
+    #[error(
+        "the patch is {len} bytes, more than the {limit}-byte limit on patches (they are held \
+         in memory); use the full image, or make a smaller delta"
+    )]
+    PatchTooLarge { len: u64, limit: u64 },
     #[error("patch {block} block is corrupt: {why}")]
     Corrupt { block: &'static str, why: String },
     #[error(
@@ -111,7 +123,8 @@ impl BzBlock {
 pub enum Step {
     /// Give [`Patcher::source`] the source bytes `offset..offset+len` (always inside the source).
     NeedSource { offset: u64, len: usize },
-    /// The next output bytes, in order.
+    /// The next output bytes, in order. Empty when the step ended after
+    /// [`IDLE_TUPLES_PER_STEP`] control tuples that produced nothing: call `step` again.
     Output(Vec<u8>),
     /// The whole output has been produced.
     Done,
@@ -192,8 +205,15 @@ pub fn output_size(patch: &[u8]) -> Result<u64, PatchError> {
 
 impl Patcher {
     /// Check the header and prepare. `max_output` bounds the output (the target slot's
-    /// capacity); a patch that claims more is refused before anything is produced.
+    /// capacity); a patch that claims more is refused before anything is produced, and so is a
+    /// patch longer than [`MAX_PATCH_LEN`].
     pub fn new(patch: Vec<u8>, source_len: u64, max_output: u64) -> Result<Self, PatchError> {
+        if patch.len() as u64 > MAX_PATCH_LEN {
+            return Err(PatchError::PatchTooLarge {
+                len: patch.len() as u64,
+                limit: MAX_PATCH_LEN,
+            });
+        }
         let new_size = output_size(&patch)?;
         if new_size > max_output {
             return Err(PatchError::TooLarge {
@@ -250,7 +270,10 @@ impl Patcher {
         Some((start, skip, (end - start) as usize))
     }
 
+    /// The next step. Each call does a bounded amount of work: it produces at most [`CHUNK`]
+    /// bytes and reads at most [`IDLE_TUPLES_PER_STEP`] control tuples that produce nothing.
     pub fn step(&mut self) -> Result<Step, PatchError> {
+        let mut idle_tuples = 0u32;
         loop {
             match self.state {
                 State::Done => return Ok(Step::Done),
@@ -259,6 +282,10 @@ impl Patcher {
                         self.state = State::Done;
                         continue;
                     }
+                    if idle_tuples >= IDLE_TUPLES_PER_STEP {
+                        return Ok(Step::Output(Vec::new()));
+                    }
+                    idle_tuples += 1;
                     let mut t = [0u8; 24];
                     self.ctrl.read_exact(&self.patch, &mut t)?;
                     let (add, copy, seek) = (offtin(&t), offtin(&t[8..]), offtin(&t[16..]));
@@ -521,5 +548,48 @@ mod tests {
             3,
         );
         assert_eq!(apply_in_memory(&old, p, 1000).unwrap(), vec![1u8; 3]);
+
+        // Guards the bound on work per step (issue 11, item 5): control tuples that add and
+        // copy nothing end a step after IDLE_TUPLES_PER_STEP of them, with an empty output.
+        let mut ctrl = vec![(0, 0, 0); 100_000];
+        ctrl.push((10, 0, 0));
+        let p = patch(&ctrl, &[1; 10], &[], 10);
+        let mut pt = Patcher::new(p.clone(), old.len() as u64, 1000).unwrap();
+        assert_eq!(pt.step().unwrap(), Step::Output(Vec::new()));
+        assert!(
+            pt.ctrl.dec.total_out() <= 24 * u64::from(IDLE_TUPLES_PER_STEP),
+            "one step read {} control bytes",
+            pt.ctrl.dec.total_out()
+        );
+        let mut empty_steps = 1;
+        loop {
+            match pt.step().unwrap() {
+                Step::Output(b) if b.is_empty() => empty_steps += 1,
+                Step::NeedSource { .. } | Step::Output(_) => break,
+                Step::Done => panic!("done before the output"),
+            }
+        }
+        assert!(
+            empty_steps >= 100_000 / IDLE_TUPLES_PER_STEP,
+            "{empty_steps}"
+        );
+        assert_eq!(apply_in_memory(&old, p, 1000).unwrap(), vec![11u8; 10]);
+    }
+
+    /// Guards the patch size limit (issue 11, item 5): a patch over MAX_PATCH_LEN is refused
+    /// with the limit in the message.
+    #[test]
+    fn patches_over_the_limit_are_refused() {
+        let mut big = make(b"old", b"new");
+        big.resize(MAX_PATCH_LEN as usize + 1, 0);
+        let e = Patcher::new(big, 3, 1 << 40).unwrap_err();
+        assert_eq!(
+            e,
+            PatchError::PatchTooLarge {
+                len: MAX_PATCH_LEN + 1,
+                limit: MAX_PATCH_LEN
+            }
+        );
+        assert!(e.to_string().contains(&MAX_PATCH_LEN.to_string()), "{e}");
     }
 }

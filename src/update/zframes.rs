@@ -81,23 +81,36 @@ pub fn seek_table_size(tail: &[u8]) -> Option<u64> {
 }
 
 /// A streaming zstd decoder that reports frame boundaries, where a resume may start.
+///
+/// A zstd stream can expand about 32,000 times (a run-length block of 128 KiB costs 4 bytes),
+/// so output is produced in bounded pieces: [`push`](Self::push) takes compressed input and
+/// each [`decode`](Self::decode) returns at most the number of bytes asked for. A caller that
+/// writes each piece out before asking for the next, and stops at its own limit (the slot's
+/// capacity), holds at most one piece in memory however much the input expands.
 pub struct FrameDecoder {
     dec: zstd::stream::raw::Decoder<'static>,
     /// Compressed bytes consumed so far, counted from where decoding started.
     consumed: u64,
     /// Whether the decoder is between frames.
     at_boundary: bool,
+    /// Compressed input pushed and not yet consumed, from `input_pos`.
+    input: Vec<u8>,
+    input_pos: usize,
+    /// The last decode filled its output: the decoder may hold more output for input it has
+    /// already consumed.
+    flushing: bool,
 }
 
 impl std::fmt::Debug for FrameDecoder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("FrameDecoder")
             .field("consumed", &self.consumed)
+            .field("buffered", &(self.input.len() - self.input_pos))
             .finish()
     }
 }
 
-/// Output of one [`FrameDecoder::feed`] call.
+/// Output of one [`FrameDecoder::decode`] or [`FrameDecoder::feed`] call.
 #[derive(Debug, Default)]
 pub struct Decoded {
     /// Uncompressed bytes, in order, with the compressed offsets (relative to the decoder's
@@ -106,12 +119,18 @@ pub struct Decoded {
     pub boundaries: Vec<(u64, usize)>,
 }
 
+/// Bytes decoded per step of [`FrameDecoder::feed`].
+const FEED_STEP: usize = 256 * 1024;
+
 impl FrameDecoder {
     pub fn new() -> std::io::Result<Self> {
         Ok(FrameDecoder {
             dec: zstd::stream::raw::Decoder::new()?,
             consumed: 0,
             at_boundary: true,
+            input: Vec::new(),
+            input_pos: 0,
+            flushing: false,
         })
     }
 
@@ -120,37 +139,76 @@ impl FrameDecoder {
         self.at_boundary
     }
 
-    /// Decode `input` entirely.
-    pub fn feed(&mut self, input: &[u8]) -> Result<Decoded, String> {
+    /// Take more compressed input; [`decode`](Self::decode) turns it into output.
+    pub fn push(&mut self, input: &[u8]) {
+        self.input.drain(..self.input_pos);
+        self.input_pos = 0;
+        self.input.extend_from_slice(input);
+    }
+
+    /// Whether pushed input remains to be decoded (call [`decode`](Self::decode) until not).
+    pub fn has_pending(&self) -> bool {
+        self.input_pos < self.input.len() || self.flushing
+    }
+
+    /// Decode pushed input into at most `max` bytes of output (`max` > 0). Returns empty
+    /// output only when all pushed input is decoded.
+    pub fn decode(&mut self, max: usize) -> Result<Decoded, String> {
         use zstd::stream::raw::{InBuffer, Operation, OutBuffer};
-        let mut out = Decoded::default();
-        let mut pos = 0;
-        let mut chunk = vec![0u8; 256 * 1024];
-        loop {
-            let mut inb = InBuffer::around(&input[pos..]);
-            let mut outb = OutBuffer::around(&mut chunk[..]);
+        let mut out = Decoded {
+            data: vec![0u8; max.min(FEED_STEP)],
+            boundaries: Vec::new(),
+        };
+        let mut filled = 0;
+        while filled < max && self.has_pending() {
+            if filled == out.data.len() {
+                // Grow in steps: a short input must not cost a buffer of `max` bytes.
+                let n = (out.data.len() * 2).clamp(FEED_STEP, max);
+                out.data.resize(n, 0);
+            }
+            let mut inb = InBuffer::around(&self.input[self.input_pos..]);
+            let mut outb = OutBuffer::around(&mut out.data[filled..]);
+            let room = outb.capacity();
             let hint = self
                 .dec
                 .run(&mut inb, &mut outb)
                 .map_err(|e| format!("corrupt zstd stream: {e}"))?;
             let (used, produced) = (inb.pos(), outb.pos());
-            pos += used;
+            self.input_pos += used;
             self.consumed += used as u64;
-            out.data.extend_from_slice(&chunk[..produced]);
+            filled += produced;
+            self.flushing = produced == room;
             if used > 0 || produced > 0 {
                 self.at_boundary = hint == 0;
                 if hint == 0 {
-                    out.boundaries.push((self.consumed, out.data.len()));
+                    out.boundaries.push((self.consumed, filled));
                 }
-            }
-            let drained = produced < chunk.len();
-            if pos == input.len() && drained {
-                return Ok(out);
-            }
-            if used == 0 && produced == 0 {
+            } else if self.input_pos < self.input.len() {
                 return Err("zstd decoder made no progress".into());
             }
         }
+        out.data.truncate(filled);
+        if !self.has_pending() {
+            self.input = Vec::new();
+            self.input_pos = 0;
+        }
+        Ok(out)
+    }
+
+    /// Decode `input` entirely, however large its output: only for inputs whose output is
+    /// known to be small. Streams of unknown origin go through [`push`](Self::push) and
+    /// bounded [`decode`](Self::decode) calls.
+    pub fn feed(&mut self, input: &[u8]) -> Result<Decoded, String> {
+        self.push(input);
+        let mut out = Decoded::default();
+        while self.has_pending() {
+            let d = self.decode(FEED_STEP)?;
+            let base = out.data.len();
+            out.boundaries
+                .extend(d.boundaries.iter().map(|&(c, u)| (c, base + u)));
+            out.data.extend_from_slice(&d.data);
+        }
+        Ok(out)
     }
 }
 
@@ -190,6 +248,35 @@ mod tests {
         let mut d = FrameDecoder::new().unwrap();
         let r = d.feed(&z[c as usize..]).unwrap();
         assert_eq!(r.data, data[u..]);
+    }
+
+    /// Guards bounded decoding (issue 11, item 5): a stream that expands thousands of times
+    /// comes out in pieces no larger than asked for, with the frame boundaries intact.
+    #[test]
+    fn decode_is_bounded_however_much_the_input_expands() {
+        use std::io::Read;
+        let len = 64u64 << 20;
+        let mut z = Vec::new();
+        compress(std::io::repeat(0).take(len), &mut z, 1, FRAME_SIZE).unwrap();
+        assert!(z.len() < 64 << 10, "{} compressed bytes", z.len());
+        let mut d = FrameDecoder::new().unwrap();
+        d.push(&z);
+        let (mut total, mut largest, mut bounds) = (0u64, 0, Vec::new());
+        while d.has_pending() {
+            let out = d.decode(100_000).unwrap();
+            assert!(out.data.iter().all(|&b| b == 0));
+            largest = largest.max(out.data.len());
+            bounds.extend(out.boundaries.iter().map(|&(_, u)| total + u as u64));
+            total += out.data.len() as u64;
+        }
+        assert_eq!(total, len);
+        assert!(largest <= 100_000, "{largest}");
+        assert!(d.at_boundary());
+        for i in 1..=16u64 {
+            assert!(bounds.contains(&(i * FRAME_SIZE as u64)), "{bounds:?}");
+        }
+        // nothing pushed, nothing decoded
+        assert!(d.decode(10).unwrap().data.is_empty());
     }
 
     #[test]
