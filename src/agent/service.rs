@@ -466,10 +466,12 @@ impl<D: NodeDisk, C: Connect> Keel for Agent<D, C> {
             .running
             .for_change()
             .map_err(Status::failed_precondition)?;
-        if let Some(r) = running {
-            if self.flags().await?.get(r).state() == bootctl::SlotState::Trying {
-                return Err(self.on_trial(r).await);
-            }
+        // Refused while the running slot is unproven: trying, or on its last try (which the
+        // flags call failed although this very boot is that try).
+        if let Err(bootctl::policy::InstallRefusal::OnTrial { slot, .. }) =
+            bootctl::policy::admit_install(self.flags().await?, running)
+        {
+            return Err(self.on_trial(slot).await);
         }
         // Admission is atomic: of two concurrent calls exactly one gets the ticket.
         let ticket = self

@@ -219,7 +219,9 @@ pub enum InstallError {
     #[error("tries must be between 1 and {MAX_TRIES}, got {0}")]
     BadTries(u8),
     #[error(
-        "the image is {image} bytes but slot {slot} holds at most {capacity}; nothing was written"
+        "the image is larger than the slot: {image} bytes or more, but slot {slot} holds at most \
+         {capacity}; the running slot was not touched (slot {slot} stays unbootable if it was \
+         already invalidated). Use an image built for this disk's slot size"
     )]
     TooLarge {
         slot: Slot,
@@ -617,6 +619,10 @@ impl Install {
                 if let Some((offset, data)) = self.pending.pop_front() {
                     return self.ask(Wait::Write, Action::Write { offset, data });
                 }
+                if self.decoder.as_ref().is_some_and(|d| d.has_pending()) {
+                    self.decode_piece();
+                    return self.poll();
+                }
                 if self.input_done {
                     self.stage = Stage::EndFlush;
                 } else if self.since_checkpoint >= self.plan.checkpoint_every {
@@ -983,25 +989,41 @@ impl Install {
                 self.decoder_base = self.input_pos;
             }
         }
-        let before = self.image_pos;
         let n = b.len() as u64;
-        let (out, points): (Vec<u8>, Vec<(u64, u64)>) = match self.decoder.as_mut() {
-            Some(d) => match d.feed(&b) {
-                Ok(dec) => {
-                    let base = self.decoder_base;
-                    let pts = dec
-                        .boundaries
-                        .iter()
-                        .map(|(c, u)| (base + c, before + *u as u64))
-                        .collect();
-                    (dec.data, pts)
-                }
-                Err(e) => return self.fail(InstallError::Corrupt(e)),
-            },
-            None => (b, vec![(self.input_pos + n, before + n)]),
-        };
+        if let Some(d) = self.decoder.as_mut() {
+            // Decoded a piece at a time in the Stream stage: a stream may expand 32,000 times.
+            d.push(&b);
+            self.input_pos += n;
+            self.report.full_bytes += n;
+            return self.decode_piece();
+        }
+        let before = self.image_pos;
+        let (out, points) = (b, vec![(self.input_pos + n, before + n)]);
         self.input_pos += n;
         self.report.full_bytes += n;
+        self.accept_output(before, out, points);
+    }
+
+    /// The next piece (at most IO_CHUNK bytes) of the compressed input pushed so far.
+    fn decode_piece(&mut self) {
+        let before = self.image_pos;
+        let Some(d) = self.decoder.as_mut() else {
+            return;
+        };
+        let dec = match d.decode(IO_CHUNK) {
+            Ok(dec) => dec,
+            Err(e) => return self.fail(InstallError::Corrupt(e)),
+        };
+        let base = self.decoder_base;
+        let points = dec
+            .boundaries
+            .iter()
+            .map(|(c, u)| (base + c, before + *u as u64))
+            .collect();
+        self.accept_output(before, dec.data, points);
+    }
+
+    fn accept_output(&mut self, before: u64, out: Vec<u8>, points: Vec<(u64, u64)>) {
         let end = before + out.len() as u64;
         let capacity = self.capacity();
         if end > capacity || self.plan.full.image_len.is_some_and(|l| end > l) {
