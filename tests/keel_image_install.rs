@@ -193,13 +193,22 @@ fn delta_made_by_classic_bsdiff_installs_and_a_corrupt_one_falls_back() {
     ok(&["compress", &v2, &z, "--level", "3"]);
     let classic = f.path("classic.patch");
     tool("bsdiff", &[&v1, &v2, &classic]);
-    // ours applies the classic patch, and classic bspatch applies ours
+    // ours applies the classic patch, and classic bspatch applies ours made with
+    // `--format bsdiff40`
     ok(&["delta", "apply", &v1, &classic, &f.path("ours.out")]);
     assert_eq!(std::fs::read(f.path("ours.out")).unwrap(), f.v2);
     let ours = f.path("ours.patch");
-    ok(&["delta", "create", &v1, &v2, &ours]);
+    ok(&["delta", "create", &v1, &v2, &ours, "--format", "bsdiff40"]);
     tool("bspatch", &[&v1, &f.path("classic.out"), &ours]);
     assert_eq!(std::fs::read(f.path("classic.out")).unwrap(), f.v2);
+    // the default is BSDF2 (brotli streams), detected from its magic by `delta apply`
+    let bsdf2 = f.path("ours.bsdf2");
+    ok(&["delta", "create", &v1, &v2, &bsdf2]);
+    assert!(std::fs::read(&bsdf2)
+        .unwrap()
+        .starts_with(b"BSDF2\x02\x02\x02"));
+    ok(&["delta", "apply", &v1, &bsdf2, &f.path("bsdf2.out")]);
+    assert_eq!(std::fs::read(f.path("bsdf2.out")).unwrap(), f.v2);
 
     let out = ok(&[
         "install",

@@ -44,7 +44,7 @@ pub struct ReleaseInputs {
     pub broken: Option<Broken>,
     /// zstd level of the compressed root image (19 for releases; tests may go faster).
     pub zstd_level: i32,
-    /// A previous release directory: write a BSDIFF40 delta from its root image to this one.
+    /// A previous release directory: write a delta (BSDF2) from its root image to this one.
     pub delta_from: Option<PathBuf>,
 }
 
@@ -517,10 +517,9 @@ pub fn compress(image: &Path, out: &Path, level: i32) -> Result<u64, ImageError>
         .len())
 }
 
-/// Write the BSDIFF40 delta from the root image of the release in `prev` to `new`, into
-/// `out/delta-from-<version>.bsdiff`.
+/// Write the delta (BSDF2 with brotli streams, Android's bsdiff format) from the root image of
+/// the release in `prev` to `new`, into `out/delta-from-<version>.bsdiff`.
 pub fn delta(prev: &Path, new: &Path, out: &Path) -> Result<DeltaArtifact, ImageError> {
-    use std::io::Write;
     let mf = prev.join(MANIFEST_FILE);
     let from: serde_json::Value = std::fs::read(&mf)
         .map_err(io(mf.display().to_string()))
@@ -536,18 +535,18 @@ pub fn delta(prev: &Path, new: &Path, out: &Path) -> Result<DeltaArtifact, Image
     let new_bytes = std::fs::read(new).map_err(io(new.display().to_string()))?;
     let path = out.join(format!("delta-from-{}.bsdiff", safe_name(&from_version)));
     let f = std::fs::File::create(&path).map_err(io(path.display().to_string()))?;
-    let mut w = std::io::BufWriter::new(f);
-    qbsdiff::Bsdiff::new(&old, &new_bytes)
-        .compare(&mut w)
-        .map_err(io(format!(
-            "bsdiff {} -> {}",
-            old_path.display(),
-            new.display()
-        )))?;
-    w.flush().map_err(io(path.display().to_string()))?;
-    let len = std::fs::metadata(&path)
-        .map_err(io(path.display().to_string()))?
-        .len();
+    let len = crate::update::bsdf2::create(
+        &old,
+        &new_bytes,
+        crate::update::bsdf2::CreateFormat::Bsdf2Brotli,
+        std::io::BufWriter::new(f),
+    )
+    .map_err(io(format!(
+        "delta {} -> {} into {}",
+        old_path.display(),
+        new.display(),
+        path.display()
+    )))?;
     Ok(DeltaArtifact {
         from_version,
         from_sha256: sha256_file(&old_path)?.0,

@@ -1,10 +1,12 @@
-//! Applying a BSDIFF40 patch (the format of classic `bsdiff`/`bspatch` and of `qbsdiff`) as a
+//! Applying a BSDIFF40 patch (the format of classic `bsdiff`/`bspatch` and of `qbsdiff`) or a
+//! BSDF2 patch (Android's bsdiff format, the default we make: see [`super::bsdf2`]) as a
 //! sans-IO machine: the patch is held in memory, the source is asked for in bounded ranges, and
 //! the output comes out in bounded chunks. Nothing here reads a file or allocates in proportion
 //! to what a patch header claims.
 //!
 //! Layout: "BSDIFF40", then three signed 64-bit lengths (control block, diff block, new size),
-//! then the bzip2-compressed control, diff and extra blocks. Each control tuple is (add, copy,
+//! then the bzip2-compressed control, diff and extra blocks (BSDF2: the same, but its magic
+//! names each block's compression; the format is detected from the magic). Each control tuple is (add, copy,
 //! seek): `add` output bytes are diff bytes plus source bytes (a source position outside the
 //! source adds nothing, as classic bspatch does), `copy` bytes come from the extra block, then
 //! the source position moves by `seek`.
@@ -20,10 +22,12 @@ pub const IDLE_TUPLES_PER_STEP: u32 = 1024;
 pub const MAX_PATCH_LEN: u64 = 128 << 20;
 const HEADER: usize = 32;
 
+use super::bsdf2::{self, Codec, Format, StreamDecoder};
+
 /// Why a patch cannot be applied. The source and the output are unaffected.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PatchError {
-    #[error("not a BSDIFF40 patch (bad magic or shorter than its 32-byte header)")]
+    #[error("not a BSDIFF40 or BSDF2 patch (bad magic or shorter than its 32-byte header)")]
     NotBsdiff,
     #[error("patch header is inconsistent: {0}")]
     BadHeader(String),
@@ -61,60 +65,6 @@ fn offtin(b: &[u8]) -> i64 {
         -m
     } else {
         m
-    }
-}
-
-/// A bzip2 stream over a byte range of the patch, decompressed on demand.
-struct BzBlock {
-    name: &'static str,
-    start: usize,
-    end: usize,
-    dec: bzip2::Decompress,
-    ended: bool,
-}
-
-impl BzBlock {
-    fn new(name: &'static str, start: usize, end: usize) -> Self {
-        BzBlock {
-            name,
-            start,
-            end,
-            dec: bzip2::Decompress::new(false),
-            ended: false,
-        }
-    }
-
-    fn read_exact(&mut self, patch: &[u8], out: &mut [u8]) -> Result<(), PatchError> {
-        let mut filled = 0;
-        while filled < out.len() {
-            if self.ended {
-                return Err(self.corrupt("ends early"));
-            }
-            let consumed = self.start + self.dec.total_in() as usize;
-            let input = &patch[consumed.min(self.end)..self.end];
-            let before_out = self.dec.total_out();
-            let before_in = self.dec.total_in();
-            let status = self
-                .dec
-                .decompress(input, &mut out[filled..])
-                .map_err(|e| self.corrupt(&e.to_string()))?;
-            filled += (self.dec.total_out() - before_out) as usize;
-            if status == bzip2::Status::StreamEnd {
-                self.ended = true;
-            }
-            let progressed = self.dec.total_out() != before_out || self.dec.total_in() != before_in;
-            if !progressed && filled < out.len() {
-                return Err(self.corrupt("truncated"));
-            }
-        }
-        Ok(())
-    }
-
-    fn corrupt(&self, why: &str) -> PatchError {
-        PatchError::Corrupt {
-            block: self.name,
-            why: why.to_string(),
-        }
     }
 }
 
@@ -161,9 +111,9 @@ pub struct Patcher {
     patch: Vec<u8>,
     new_size: u64,
     source_len: u64,
-    ctrl: BzBlock,
-    diff: BzBlock,
-    extra: BzBlock,
+    ctrl: StreamDecoder,
+    diff: StreamDecoder,
+    extra: StreamDecoder,
     new_pos: u64,
     old_pos: i64,
     state: State,
@@ -181,9 +131,10 @@ impl std::fmt::Debug for Patcher {
 
 /// The output size a patch claims, after checking its header.
 pub fn output_size(patch: &[u8]) -> Result<u64, PatchError> {
-    if patch.len() < HEADER || &patch[..8] != b"BSDIFF40" {
+    if patch.len() < HEADER {
         return Err(PatchError::NotBsdiff);
     }
+    bsdf2::detect(patch)?;
     let (c, d, n) = (
         offtin(&patch[8..]),
         offtin(&patch[16..]),
@@ -225,10 +176,14 @@ impl Patcher {
         let d = offtin(&patch[16..]) as usize;
         let (cs, ds, es) = (HEADER, HEADER + c, HEADER + c + d);
         let end = patch.len();
+        let codecs = match bsdf2::detect(&patch)? {
+            Format::Bsdiff40 => [Codec::Bz2; 3],
+            Format::Bsdf2(codecs) => codecs,
+        };
         Ok(Patcher {
-            ctrl: BzBlock::new("control", cs, ds),
-            diff: BzBlock::new("diff", ds, es),
-            extra: BzBlock::new("extra", es, end),
+            ctrl: StreamDecoder::new("control", codecs[0], cs, ds),
+            diff: StreamDecoder::new("diff", codecs[1], ds, es),
+            extra: StreamDecoder::new("extra", codecs[2], es, end),
             patch,
             new_size,
             source_len,
@@ -557,9 +512,9 @@ mod tests {
         let mut pt = Patcher::new(p.clone(), old.len() as u64, 1000).unwrap();
         assert_eq!(pt.step().unwrap(), Step::Output(Vec::new()));
         assert!(
-            pt.ctrl.dec.total_out() <= 24 * u64::from(IDLE_TUPLES_PER_STEP),
+            pt.ctrl.total_out() <= 24 * u64::from(IDLE_TUPLES_PER_STEP),
             "one step read {} control bytes",
-            pt.ctrl.dec.total_out()
+            pt.ctrl.total_out()
         );
         let mut empty_steps = 1;
         loop {

@@ -183,6 +183,54 @@ fn delta_install_saves_bytes_and_bad_deltas_fall_back() {
     }
 }
 
+/// The engine applies the BSDF2 deltas `keel-image delta create` makes (detected from their
+/// magic, as BSDIFF40 is), and a broken one falls back to the full image.
+#[test]
+fn bsdf2_delta_install_applies_and_broken_ones_fall_back() {
+    use super::bsdf2::{create, CreateFormat};
+    let v1 = image(1, 300_000);
+    let mut v2 = v1.clone();
+    v2[1000..5000].copy_from_slice(&image(9, 4000));
+    v2.extend_from_slice(&image(3, 20_000));
+    let mut patch = Vec::new();
+    create(&v1, &v2, CreateFormat::Bsdf2Brotli, &mut patch).unwrap();
+    assert!(patch.starts_with(b"BSDF2"));
+    let mut z = Vec::new();
+    zframes::compress(&v2[..], &mut z, 3, 64 * 1024).unwrap();
+    let mut corrupt = patch.clone();
+    let mid = corrupt.len() / 2;
+    corrupt[mid..mid + 8].fill(0xA5);
+    let mut unknown_codec = patch.clone();
+    unknown_codec[6] = 9;
+    let cases: Vec<(&str, Vec<u8>, bool)> = vec![
+        ("good", patch.clone(), false),
+        ("corrupt", corrupt, true),
+        ("unknown codec", unknown_codec, true),
+        ("truncated", patch[..patch.len() / 2].to_vec(), true),
+    ];
+    for (name, p, want_fallback) in cases {
+        let mut dev = MemDevice::new(6 * MIB + 65536, 512);
+        running_v1(&mut dev, &v1);
+        let mut rq = req(&v2, z.len());
+        rq.delta = Some("patch".into());
+        let plen = p.len() as u64;
+        let r = install(
+            &mut dev,
+            rq,
+            inputs(z.clone(), Some(p)),
+            &mut MemStore::default(),
+        )
+        .unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(r.fallback_used, want_fallback, "{name}: {r:?}");
+        if !want_fallback {
+            assert_eq!(r.bytes_saved, z.len() as u64 - plen, "{name}");
+            assert_eq!(r.full_bytes, 0, "{name}: the full image was not fetched");
+        }
+        assert_eq!(slot_bytes(&dev, Slot::B, v2.len()), v2, "{name}");
+        assert_eq!(slot_bytes(&dev, Slot::A, v1.len()), v1, "{name}");
+    }
+}
+
 #[test]
 fn failures_leave_the_running_slot_alone_and_the_target_unbootable() {
     let v1 = image(1, 200_000);

@@ -46,7 +46,7 @@ pub struct ReleaseArgs {
     /// zstd level of root.img.zst.
     #[arg(long, default_value_t = 19)]
     zstd_level: i32,
-    /// A previous release directory: also write the BSDIFF40 delta from it.
+    /// A previous release directory: also write the delta (BSDF2) from it.
     #[arg(long)]
     delta_from: Option<PathBuf>,
 }

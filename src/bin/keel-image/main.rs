@@ -7,7 +7,7 @@ use clap::{Parser, Subcommand};
 use keelos::block::FileDevice;
 use keelos::bootctl::{self, store, Slot, DEFAULT_TRIES};
 use keelos::disk::{self, LayoutSpec};
-use keelos::update::{self, bspatch, checkpoint, driver, record, zframes};
+use keelos::update::{self, bsdf2, bspatch, checkpoint, driver, record, zframes};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -62,6 +62,12 @@ enum Cmd {
     Delta(DeltaCmd),
 }
 
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum PatchFormat {
+    Bsdf2,
+    Bsdiff40,
+}
+
 #[derive(Subcommand)]
 enum DeltaCmd {
     /// Make PATCH that turns OLD into NEW.
@@ -69,6 +75,10 @@ enum DeltaCmd {
         old: PathBuf,
         new: PathBuf,
         patch: PathBuf,
+        /// bsdf2: Android's bsdiff format with brotli streams (smaller, faster to apply);
+        /// bsdiff40: classic bsdiff's format (bzip2), for tools that read nothing else.
+        #[arg(long, value_enum, default_value_t = PatchFormat::Bsdf2)]
+        format: PatchFormat,
     },
     /// Apply PATCH to OLD, writing NEW.
     Apply {
@@ -409,21 +419,24 @@ fn run(cli: Cli) -> Result<(), String> {
             println!("{} bytes", n);
             Ok(())
         }
-        Cmd::Delta(DeltaCmd::Create { old, new, patch }) => {
+        Cmd::Delta(DeltaCmd::Create {
+            old,
+            new,
+            patch,
+            format,
+        }) => {
             let read = |p: &Path| {
                 std::fs::read(p).map_err(|e| format!("cannot read {}: {e}", p.display()))
             };
             let (o, n) = (read(&old)?, read(&new)?);
             let f = std::fs::File::create(&patch)
                 .map_err(|e| format!("cannot create {}: {e}", patch.display()))?;
-            let mut w = std::io::BufWriter::new(f);
-            // bzip2 level 9, as classic bsdiff uses
-            qbsdiff::Bsdiff::new(&o, &n)
-                .compression_level(9)
-                .compare(&mut w)
-                .map_err(|e| e.to_string())?;
-            use std::io::Write;
-            w.flush().map_err(|e| e.to_string())?;
+            let format = match format {
+                PatchFormat::Bsdf2 => bsdf2::CreateFormat::Bsdf2Brotli,
+                PatchFormat::Bsdiff40 => bsdf2::CreateFormat::Bsdiff40,
+            };
+            bsdf2::create(&o, &n, format, std::io::BufWriter::new(f))
+                .map_err(|e| format!("cannot write {}: {e}", patch.display()))?;
             Ok(())
         }
         Cmd::Delta(DeltaCmd::Apply { old, patch, new }) => delta_apply(&old, &patch, &new),
