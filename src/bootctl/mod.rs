@@ -342,7 +342,8 @@ pub fn rollback(flags: SlotFlags, running: Slot) -> Result<SlotFlags, FlagError>
 mod tests {
     use super::*;
 
-    fn f(p: u8, t: u8, s: bool) -> BootFlags {
+    /// Flags with priority `p`, tries `t`, successful `s` (also used by the policy's tests).
+    pub(super) fn f(p: u8, t: u8, s: bool) -> BootFlags {
         BootFlags(0)
             .with_priority(p)
             .with_tries(t)

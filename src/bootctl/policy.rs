@@ -45,14 +45,8 @@ pub fn unproven(f: BootFlags) -> bool {
 
 #[cfg(test)]
 mod tests {
+    use super::super::tests::f;
     use super::*;
-
-    fn f(p: u8, t: u8, s: bool) -> BootFlags {
-        BootFlags(0)
-            .with_priority(p)
-            .with_tries(t)
-            .with_successful(s)
-    }
 
     #[test]
     fn installs_wait_for_the_running_slot_to_be_proven() {
