@@ -143,15 +143,22 @@ fn a_slot_that_does_not_mount_is_marked_failed_and_the_other_boots() {
 
         let f = flags(&img);
         assert_eq!((f.b.priority(), f.b.tries()), (2, 3));
-        let err = bootdisk::boot_root(&img, &mnt, Path::new(SYS_BLOCK)).unwrap_err();
-        match &err {
-            BootRootError::RootDidNotMount { slot, marked, .. } => {
-                assert_eq!(*slot, Slot::B);
-                assert!(marked.contains("slot b marked failed"), "{marked}");
-            }
-            other => panic!("expected RootDidNotMount, got {other}"),
-        }
-        println!("first boot: {err}");
+        let mut c = bootdisk::choose(&img).unwrap();
+        assert_eq!((c.choice.slot, c.choice.tried), (Slot::B, true));
+        let (dev, err) = bootdisk::mount_slot(
+            &img,
+            &c.layout,
+            c.sector_size,
+            Slot::B,
+            &mnt,
+            Path::new(SYS_BLOCK),
+        )
+        .unwrap_err();
+        println!("slot b from {dev} did not mount: {err}");
+        let (marked, words) = bootdisk::mark_failed_unless_last(&mut c.dev, Slot::B);
+        assert!(marked, "{words}");
+        assert!(words.contains("slot b marked failed"), "{words}");
+        drop(c);
         let f = flags(&img);
         // the try was spent before the mount, then the slot was marked failed
         assert_eq!(
@@ -165,18 +172,24 @@ fn a_slot_that_does_not_mount_is_marked_failed_and_the_other_boots() {
             loops_on(&img)
         );
 
-        // the reboot: A is chosen and mounts
-        let root = bootdisk::boot_root(&img, &mnt, Path::new(SYS_BLOCK)).unwrap();
-        assert_eq!((root.slot, root.tried), (Slot::A, false));
+        // the next choice (in the same power-on, or after a reboot): A, and it mounts
+        let c = bootdisk::choose(&img).unwrap();
+        assert_eq!((c.choice.slot, c.choice.tried), (Slot::A, false));
+        let source = bootdisk::mount_slot(
+            &img,
+            &c.layout,
+            c.sector_size,
+            Slot::A,
+            &mnt,
+            Path::new(SYS_BLOCK),
+        )
+        .unwrap();
+        drop(c);
         assert_eq!(std::fs::read_to_string(mnt.join("slot")).unwrap(), "A");
         // read-only, as a root slot must be
         let e = std::fs::write(mnt.join("x"), "x").unwrap_err();
         assert_eq!(e.raw_os_error(), Some(libc::EROFS), "{e}");
-        println!(
-            "second boot: slot {} from {}",
-            root.slot,
-            root.source.display()
-        );
+        println!("then slot a from {}", source.display());
         umount(&mnt);
         assert!(
             loops_on(&img).is_empty(),
@@ -195,17 +208,29 @@ fn a_good_new_slot_boots_with_its_try_spent_and_state_is_set_up() {
         let img = disk(dir.path(), &a, &b);
         let root_dir = dir.path().join("newroot");
 
-        let root = bootdisk::boot_root(&img, &root_dir, Path::new(SYS_BLOCK)).unwrap();
-        assert_eq!((root.slot, root.tried), (Slot::B, true));
+        let c = bootdisk::choose(&img).unwrap();
+        assert_eq!((c.choice.slot, c.choice.tried), (Slot::B, true));
+        let source = bootdisk::mount_slot(
+            &img,
+            &c.layout,
+            c.sector_size,
+            Slot::B,
+            &root_dir,
+            Path::new(SYS_BLOCK),
+        )
+        .unwrap();
         assert_eq!(std::fs::read_to_string(root_dir.join("slot")).unwrap(), "B");
         let f = flags(&img);
         assert_eq!((f.b.tries(), f.b.successful()), (2, false));
 
         let state = root_dir.join("state");
-        let src = bootdisk::mount_state(&img, &root, &state, Path::new(SYS_BLOCK)).unwrap();
+        let src =
+            bootdisk::mount_state(&img, &c.layout, c.sector_size, &state, Path::new(SYS_BLOCK))
+                .unwrap();
+        drop(c);
         println!(
             "root from {}, STATE from {}",
-            root.source.display(),
+            source.display(),
             src.display()
         );
         assert!(mounts::is_mount_point(&state));
@@ -261,14 +286,41 @@ fn a_disk_without_a_bootable_slot_is_refused_without_writing() {
         .unwrap();
         drop(dev);
         let before = std::fs::read(&path).unwrap();
-        let err =
-            bootdisk::boot_root(&path, &dir.path().join("m"), Path::new(SYS_BLOCK)).unwrap_err();
+        let err = bootdisk::choose(&path).unwrap_err();
         assert!(matches!(err, BootRootError::Choice { .. }), "{err}");
         assert!(err.to_string().contains("no bootable slot"), "{err}");
         assert_eq!(
             std::fs::read(&path).unwrap(),
             before,
             "nothing may be written"
+        );
+    });
+}
+
+#[test]
+fn the_last_bootable_slot_is_never_marked_failed() {
+    in_mount_namespace(|| {
+        let dir = tempfile::tempdir().unwrap();
+        let a = std::fs::read(squashfs(dir.path(), "A")).unwrap();
+        let mut b = std::fs::read(squashfs(dir.path(), "B")).unwrap();
+        b[..512].fill(0xAA);
+        let img = disk(dir.path(), &a, &b);
+        // A invalidated (an install into it began and never finished): B is all there is
+        let mut dev = FileDevice::open(&img, true).unwrap();
+        store::update(&mut dev, |f| bootctl::start_update(f, Slot::A, None)).unwrap();
+        drop(dev);
+        let mut c = bootdisk::choose(&img).unwrap();
+        assert_eq!(c.choice.slot, Slot::B);
+        let (marked, words) = bootdisk::mark_failed_unless_last(&mut c.dev, Slot::B);
+        drop(c);
+        assert!(!marked, "{words}");
+        assert!(words.contains("keeps its last bootable slot"), "{words}");
+        let f = flags(&img);
+        assert!(f.b.bootable(), "{f:?}");
+        assert_eq!(
+            f.b.tries(),
+            2,
+            "only the boot choice's try was spent: {f:?}"
         );
     });
 }

@@ -6,8 +6,10 @@
 //! through loop devices, switches root and executes B's own /sbin/keel-init as stage 2, which
 //! supervises the services of STATE's node configuration. The test talks to it through the
 //! control socket (reached through /proc/<pid>/root) and powers it off; stage 2 then unmounts
-//! STATE. A slot whose SquashFS is corrupt makes stage 1 mark it failed and reboot, and the next
-//! boot runs the other slot.
+//! STATE. A slot whose SquashFS is corrupt makes the boot stage mark it failed and boot the other
+//! slot in the same power-on. These slot images carry no kernel (/boot), so the boot stage
+//! switches root into them, as it does for images from before kernels travelled with the slot;
+//! the kexec hand-over needs a kernel and is tested in QEMU (qemu/).
 //!
 //! What a VM would add and this cannot: a kernel command line, module loading, a watchdog
 //! device and a virtio disk found by scanning. The image/QEMU tests cover those.
@@ -321,7 +323,8 @@ fn stage_one_boots_slot_b_and_hands_over_to_its_stage_two() {
     let out = boot.console();
     for want in [
         "booting slot b (priority=2 tries=2 successful=0), one try spent",
-        "slot b mounted from /dev/loop",
+        "slot b opened read-only from /dev/loop",
+        "slot b carries no kernel (/boot)",
         "stage 2 running 2 service(s)",
     ] {
         assert!(out.contains(want), "missing {want:?} in:\n{out}");
@@ -341,36 +344,38 @@ fn stage_one_boots_slot_b_and_hands_over_to_its_stage_two() {
 }
 
 #[test]
-fn a_slot_that_does_not_mount_is_marked_failed_and_the_next_boot_runs_the_other() {
+fn a_slot_that_does_not_mount_is_marked_failed_and_the_other_boots_in_the_same_power_on() {
     let t = tempfile::tempdir().unwrap();
     let a = slot_image(t.path(), "A");
     let mut b = slot_image(t.path(), "B");
     b[..512].fill(0xAA); // superblock destroyed
     let (initramfs, img, _) = machine(t.path(), &a, &b);
 
-    let mut first = Boot::start(&initramfs, t.path().join("console-1"));
-    // in a PID namespace, reboot(2) by its PID 1 ends it with SIGHUP
-    assert_eq!(first.end(), Some(libc::SIGHUP), "{}", first.console());
-    let out = first.console();
-    assert!(out.contains("slot b's root file system"), "{out}");
-    assert!(
-        out.contains("slot b marked failed (priority=2 tries=0"),
-        "{out}"
-    );
+    let mut boot = Boot::start(&initramfs, t.path().join("console"));
+    let (init, sock) = boot.running();
+    let out = boot.console();
+    for want in [
+        "booting slot b (priority=2 tries=2 successful=0), one try spent",
+        "slot b refused: its root file system",
+        "slot b marked failed (priority=2 tries=0",
+        "booting slot a (priority=1 tries=0 successful=1)",
+    ] {
+        assert!(out.contains(want), "missing {want:?} in:\n{out}");
+    }
     let f = flags(&img);
     assert_eq!((f.b.tries(), f.b.successful()), (0, false), "{f:?}");
-    drop(first);
-
-    let mut second = Boot::start(&initramfs, t.path().join("console-2"));
-    let (init, sock) = second.running();
     let slot = std::fs::read_to_string(format!("/proc/{init}/root/etc/slot")).unwrap();
     assert_eq!(slot, "A\n");
-    assert!(second
-        .console()
-        .contains("booting slot a (priority=1 tries=0 successful=1)"));
+    // stage 2 was told what the boot stage refused (no kexec here: through its arguments)
+    let cmd = std::fs::read(format!("/proc/{init}/cmdline")).unwrap();
+    let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+    assert!(
+        cmd.contains("keel.refused=b:squashfs-mount-failed keel.fallback=b"),
+        "{cmd}"
+    );
     Client::connect(&sock, Duration::from_secs(5))
         .unwrap()
         .power_off()
         .unwrap();
-    assert_eq!(second.end(), Some(libc::SIGINT), "{}", second.console());
+    assert_eq!(boot.end(), Some(libc::SIGINT), "{}", boot.console());
 }

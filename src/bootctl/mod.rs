@@ -253,6 +253,53 @@ pub fn choose_boot(flags: SlotFlags) -> Result<BootChoice, FlagError> {
     })
 }
 
+/// Whether `slot` is what the boot stage chose, judged from the flags after its choice was
+/// committed (`flags`) and whether it spent a try (`trial`). The slot's own keel-init checks this
+/// before it mounts the slot it was handed on the kernel command line, so a command line that
+/// does not match the disk (edited, or left over from an older boot) cannot run a slot the boot
+/// choice did not pick. For every flags value, `choose_boot`'s slot and `tried` pass, and the
+/// other slot does not, with one exception the flags cannot tell apart: a slot whose last try
+/// was just spent looks exactly like one that ran out of tries earlier, so a trial hand-over of
+/// an outranking slot with no tries left passes.
+pub fn confirm_handoff(flags: SlotFlags, slot: Slot, trial: bool) -> Result<(), String> {
+    let f = flags.get(slot);
+    let o = flags.get(slot.other());
+    if !trial {
+        return if f.successful() && flags.preferred() == Some(slot) {
+            Ok(())
+        } else {
+            Err(format!(
+                "slot {slot} was handed over as a good boot, but the flags ({slot}: {f}, {}: {o}) \
+                 do not choose it as a successful slot",
+                slot.other()
+            ))
+        };
+    }
+    // a trial spent one try: the slot may now have none left, so it is judged as it stood
+    // before the try: activated, not successful, and preferred over the other slot
+    let outranked = o.bootable()
+        && (o.priority() > f.priority() || (o.priority() == f.priority() && slot == Slot::B));
+    if f.successful() || f.priority() == 0 || outranked {
+        return Err(format!(
+            "slot {slot} was handed over as a trial boot, but the flags ({slot}: {f}, {}: {o}) \
+             do not show a trial of it",
+            slot.other()
+        ));
+    }
+    Ok(())
+}
+
+/// The slot the boot choice fell back from, if it did: the other slot outranks the chosen one
+/// but has run out of tries without being marked successful (its trial boots failed). `flags`
+/// are the flags after the choice.
+pub fn fell_back_from(flags: SlotFlags, chosen: Slot) -> Option<Slot> {
+    let o = chosen.other();
+    let (fo, fc) = (flags.get(o), flags.get(chosen));
+    let outranks =
+        fo.priority() > fc.priority() || (fo.priority() == fc.priority() && o == Slot::A);
+    (fo.state() == SlotState::Failed && outranks).then_some(o)
+}
+
 /// Start an update of `target`: invalidate it (priority 0, tries 0, not successful) so that
 /// nothing boots it while it is being written. `running` is the slot the system runs from, if
 /// any (an offline disk has none).
@@ -351,6 +398,74 @@ mod tests {
     }
     fn pair(a: BootFlags, b: BootFlags) -> SlotFlags {
         SlotFlags { a, b }
+    }
+
+    /// The hand-over check is exactly "some boot choice could have left these flags with this
+    /// slot and this trial word": over every pair of flags with priority 0..=3, tries 0..=4 and
+    /// either successful bit (6,400 pairs) the choices are collected, and for every resulting
+    /// flags value with tries up to 3 (so that its try-before value is in the domain), each
+    /// slot and trial word is confirmed if and only if it is among them. Flags alone cannot tell
+    /// "the last try was just spent" from "the tries ran out earlier", so both readings pass.
+    #[test]
+    fn the_handoff_check_confirms_exactly_what_a_boot_choice_leaves() {
+        use std::collections::HashSet;
+        let mut all = Vec::new();
+        for p in 0..=3 {
+            for t in 0..=4 {
+                for s in [false, true] {
+                    all.push(f(p, t, s));
+                }
+            }
+        }
+        let mut reached = HashSet::new();
+        for &a in &all {
+            for &b in &all {
+                if let Ok(c) = choose_boot(pair(a, b)) {
+                    reached.insert((c.flags.a.0, c.flags.b.0, c.slot, c.tried));
+                }
+            }
+        }
+        let mut checked = 0;
+        for &(a, b, _, _) in &reached {
+            let after = pair(BootFlags(a), BootFlags(b));
+            if after.a.tries() > 3 || after.b.tries() > 3 {
+                continue;
+            }
+            for slot in Slot::ALL {
+                for trial in [false, true] {
+                    checked += 1;
+                    assert_eq!(
+                        confirm_handoff(after, slot, trial).is_ok(),
+                        reached.contains(&(a, b, slot, trial)),
+                        "{after:?}: slot {slot}, trial {trial}"
+                    );
+                }
+            }
+        }
+        assert!(checked > 1000, "only {checked} cases");
+    }
+
+    #[test]
+    fn a_fallback_is_seen_when_the_outranking_slot_ran_out_of_tries() {
+        // B activated, tries spent, never successful: A boots, falling back from B
+        let after = pair(f(1, 0, true), f(2, 0, false));
+        assert_eq!(choose_boot(after).unwrap().slot, Slot::A);
+        assert_eq!(fell_back_from(after, Slot::A), Some(Slot::B));
+        // B on trial: no fallback
+        assert_eq!(
+            fell_back_from(pair(f(1, 0, true), f(2, 2, false)), Slot::B),
+            None
+        );
+        // B never installed: no fallback
+        assert_eq!(
+            fell_back_from(pair(f(1, 0, true), f(0, 0, false)), Slot::A),
+            None
+        );
+        // B successful but A was rolled back to by hand: no fallback
+        assert_eq!(
+            fell_back_from(pair(f(2, 0, true), f(1, 0, true)), Slot::A),
+            None
+        );
     }
 
     #[test]

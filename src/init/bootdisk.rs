@@ -304,18 +304,6 @@ pub fn partition_source(
     })
 }
 
-/// The root that stage 1 mounted.
-#[derive(Debug)]
-pub struct BootedRoot {
-    pub slot: Slot,
-    /// Whether this boot spent one of the slot's tries.
-    pub tried: bool,
-    pub layout: Layout,
-    pub sector_size: u64,
-    /// What was mounted.
-    pub source: PathBuf,
-}
-
 /// Stage 1 could not mount a root.
 #[derive(Debug, thiserror::Error)]
 pub enum BootRootError {
@@ -331,27 +319,20 @@ pub enum BootRootError {
         #[source]
         source: StoreError,
     },
-    #[error(
-        "slot {slot}'s root file system ({source_dev}) did not mount: {error}; {marked}; \
-         rebooting so that the other slot boots"
-    )]
-    RootDidNotMount {
-        slot: Slot,
-        source_dev: String,
-        error: String,
-        /// Whether marking the slot failed worked, in words.
-        marked: String,
-    },
 }
 
-/// Run the boot choice on `disk` and mount the chosen slot's SquashFS read-only on `target`.
-/// When it does not mount, the slot is marked failed (tries 0) before the error returns, so the
-/// reboot that follows chooses the other slot.
-pub fn boot_root(
-    disk: &Path,
-    target: &Path,
-    sys_block: &Path,
-) -> Result<BootedRoot, BootRootError> {
+/// The boot choice, committed on the boot disk (a spent try is flushed before this returns).
+#[derive(Debug)]
+pub struct Chosen {
+    pub dev: FileDevice,
+    pub layout: Layout,
+    pub sector_size: u64,
+    pub choice: bootctl::BootChoice,
+}
+
+/// Run the boot choice on `disk`: the highest-priority bootable slot; a try of a slot on trial
+/// is spent and flushed before this returns, so nothing of that slot runs without it.
+pub fn choose(disk: &Path) -> Result<Chosen, BootRootError> {
     let mut dev = open_disk(disk, true).map_err(|source| BootRootError::Open {
         disk: disk.to_path_buf(),
         source,
@@ -361,15 +342,45 @@ pub fn boot_root(
         disk: disk.to_path_buf(),
         source,
     })?;
-    let slot = choice.slot;
     log(format!(
-        "booting slot {slot} ({}){}",
-        choice.flags.get(slot),
+        "booting slot {} ({}){}",
+        choice.slot,
+        choice.flags.get(choice.slot),
         if choice.tried { ", one try spent" } else { "" }
     ));
+    Ok(Chosen {
+        dev,
+        layout,
+        sector_size: ss,
+        choice,
+    })
+}
+
+/// Read the boot flags of `disk` without changing them.
+pub fn read_flags(disk: &Path) -> Result<(FileDevice, Layout, bootctl::SlotFlags), BootRootError> {
+    let dev = open_disk(disk, true).map_err(|source| BootRootError::Open {
+        disk: disk.to_path_buf(),
+        source,
+    })?;
+    let (layout, flags) = store::load(&dev).map_err(|source| BootRootError::Choice {
+        disk: disk.to_path_buf(),
+        source,
+    })?;
+    Ok((dev, layout, flags))
+}
+
+/// Mount `slot`'s SquashFS read-only on `target`. On failure: the device tried, and why.
+pub fn mount_slot(
+    disk: &Path,
+    layout: &Layout,
+    sector_size: u64,
+    slot: Slot,
+    target: &Path,
+    sys_block: &Path,
+) -> Result<PathBuf, (String, String)> {
     let part = layout.root(slot).clone();
     let _ = std::fs::create_dir_all(target);
-    let attempt = partition_source(disk, &part, ss, sys_block, false)
+    partition_source(disk, &part, sector_size, sys_block, false)
         .map_err(|e| {
             (
                 "loop device".to_string(),
@@ -387,38 +398,48 @@ pub fn boot_root(
             )
             .map(|()| src.path.clone())
             .map_err(|e| (shown, e.to_string()))
-        });
-    match attempt {
-        Ok(source) => Ok(BootedRoot {
-            slot,
-            tried: choice.tried,
-            layout,
-            sector_size: ss,
-            source,
-        }),
-        Err((source_dev, error)) => {
-            let marked = match store::update(&mut dev, |f| Ok(bootctl::mark_failed(f, slot))) {
-                Ok((_, f)) => format!("slot {slot} marked failed ({})", f.get(slot)),
-                Err(e) => format!("marking slot {slot} failed did not work either: {e}"),
-            };
-            Err(BootRootError::RootDidNotMount {
-                slot,
-                source_dev,
-                error,
-                marked,
-            })
+        })
+}
+
+/// Mark `slot` failed (no tries, not successful) so that the boot choice passes it over, unless
+/// the other slot is not bootable: the last bootable slot is never demoted, so a node always
+/// has something to boot. Returns whether it was marked, and what was done in words.
+pub fn mark_failed_unless_last(dev: &mut FileDevice, slot: Slot) -> (bool, String) {
+    let mut kept = false;
+    let r = store::update(dev, |f| {
+        if f.get(slot.other()).bootable() {
+            Ok(bootctl::mark_failed(f, slot))
+        } else {
+            kept = true;
+            Ok(f)
         }
+    });
+    match r {
+        Ok(_) if kept => (
+            false,
+            format!(
+                "slot {slot} left as it is: slot {} is not bootable and a node keeps its last \
+                 bootable slot",
+                slot.other()
+            ),
+        ),
+        Ok((_, f)) => (true, format!("slot {slot} marked failed ({})", f.get(slot))),
+        Err(e) => (
+            false,
+            format!("marking slot {slot} failed did not work either: {e}"),
+        ),
     }
 }
 
 /// Mount the STATE partition (ext4) of the boot disk on `target`.
 pub fn mount_state(
     disk: &Path,
-    root: &BootedRoot,
+    layout: &Layout,
+    sector_size: u64,
     target: &Path,
     sys_block: &Path,
 ) -> Result<PathBuf, String> {
-    let src = partition_source(disk, &root.layout.state, root.sector_size, sys_block, true)
+    let src = partition_source(disk, &layout.state, sector_size, sys_block, true)
         .map_err(|e| format!("cannot reach STATE on {}: {e}", disk.display()))?;
     let _ = std::fs::create_dir_all(target);
     nix::mount::mount(

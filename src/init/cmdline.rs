@@ -26,6 +26,17 @@ pub struct KernelParams {
     pub stage: Option<u8>,
     /// `keel.disk=/dev/vdb`: boot from this disk instead of scanning for the KeelOS labels.
     pub disk: Option<PathBuf>,
+    /// `keel.slot=a|b`: set by the boot stage on the slot kernel's command line. Its presence
+    /// makes stage 1 the slot's own: it mounts this slot and spends no try.
+    pub slot: Option<Slot>,
+    /// `keel.boot=trial|good`: whether the boot stage spent one of the slot's tries.
+    pub trial: Option<bool>,
+    /// `keel.bootstage=1.0.0`: the boot stage's version.
+    pub boot_stage: Option<String>,
+    /// `keel.refused=b:kernel-load-failed,...`: slots the boot stage refused in this power-on.
+    pub refused: Option<String>,
+    /// `keel.fallback=b`: the boot choice fell back from this slot (its tries ran out).
+    pub fallback_from: Option<Slot>,
 }
 
 /// Split a command line the way the kernel does: whitespace separates, double quotes group.
@@ -115,11 +126,48 @@ pub fn parse_kernel(cmdline: &str) -> (KernelParams, Vec<String>) {
                 "2" => p.stage = Some(2),
                 _ => warn.push(bad("expected 1 or 2")),
             },
+            "keel.slot" => match value.parse() {
+                Ok(slot) => p.slot = Some(slot),
+                Err(_) => warn.push(bad("expected a or b")),
+            },
+            "keel.boot" => match value {
+                "trial" => p.trial = Some(true),
+                "good" => p.trial = Some(false),
+                _ => warn.push(bad("expected trial or good")),
+            },
+            "keel.bootstage" => p.boot_stage = Some(value.to_string()),
+            "keel.refused" => p.refused = Some(value.to_string()),
+            "keel.fallback" => match value.parse() {
+                Ok(slot) => p.fallback_from = Some(slot),
+                Err(_) => warn.push(bad("expected a or b")),
+            },
             k if k.starts_with("keel.") => warn.push(bad("unknown keel parameter")),
             _ => {}
         }
     }
     (p, warn)
+}
+
+/// The parameters for module `module` on the command line (`module.param=value` words, as the
+/// kernel and modprobe take them; `-` and `_` are the same in module names), joined with
+/// spaces as finit_module(2) takes them.
+pub fn module_params(cmdline: &str, module: &str) -> String {
+    let norm = |s: &str| s.replace('-', "_");
+    let module = norm(module);
+    split(cmdline)
+        .into_iter()
+        .filter_map(|w| {
+            let (key, _) = w.split_once('=')?;
+            let (m, param) = key.split_once('.')?;
+            (norm(m) == module && !param.is_empty()).then_some(w)
+        })
+        .map(|w| {
+            w.split_once('.')
+                .map(|(_, rest)| rest.to_string())
+                .unwrap_or(w)
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// keel-init's own arguments.
@@ -141,6 +189,10 @@ pub struct InitArgs {
     pub watchdog_fd: Option<i32>,
     /// `--cmdline PATH`: read the kernel parameters from here (default /proc/cmdline)
     pub cmdline: Option<PathBuf>,
+    /// `--handoff WORDS`: the boot stage's hand-over words (`keel.slot=b keel.boot=trial ...`)
+    /// when it switched root into a slot without a kernel, so there was no command line to
+    /// carry them.
+    pub handoff: Option<String>,
 }
 
 /// Parse keel-init's arguments (without argv[0]). Unknown words are returned, not fatal: the
@@ -164,6 +216,7 @@ pub fn parse_args(args: &[String]) -> (InitArgs, Vec<String>) {
                 | "--slot"
                 | "--watchdog-fd"
                 | "--cmdline"
+                | "--handoff"
         );
         if !takes_value {
             unknown.push(w.clone());
@@ -185,6 +238,7 @@ pub fn parse_args(args: &[String]) -> (InitArgs, Vec<String>) {
             "--control" => a.control = Some(v.into()),
             "--boot-disk" => a.boot_disk = Some(v.into()),
             "--cmdline" => a.cmdline = Some(v.into()),
+            "--handoff" => a.handoff = Some(v),
             "--slot" => match v.parse() {
                 Ok(s) => a.slot = Some(s),
                 Err(_) => bad(),
@@ -228,6 +282,33 @@ mod tests {
             "{warn:?}"
         );
         assert!(warn[1].contains("unknown keel parameter"), "{warn:?}");
+    }
+
+    #[test]
+    fn the_boot_stage_handoff_words() {
+        let (p, warn) = parse_kernel(
+            "keel.slot=b keel.boot=trial keel.bootstage=1.0.0 \
+             keel.refused=a:kernel-load-failed keel.fallback=a",
+        );
+        assert!(warn.is_empty(), "{warn:?}");
+        assert_eq!(p.slot, Some(Slot::B));
+        assert_eq!(p.trial, Some(true));
+        assert_eq!(p.boot_stage.as_deref(), Some("1.0.0"));
+        assert_eq!(p.refused.as_deref(), Some("a:kernel-load-failed"));
+        assert_eq!(p.fallback_from, Some(Slot::A));
+        let (p, warn) = parse_kernel("keel.slot=c keel.boot=maybe keel.fallback=");
+        assert_eq!((p.slot, p.trial, p.fallback_from), (None, None, None));
+        assert_eq!(warn.len(), 3, "{warn:?}");
+    }
+
+    #[test]
+    fn module_parameters_come_from_the_command_line() {
+        let line = "console=ttyS0 i6300esb.nowayout=1 i6300esb.heartbeat=20 \
+                    virtio-blk.foo=1 watchdog.stop_on_reboot=0 i6300esb=1 .x=1";
+        assert_eq!(module_params(line, "i6300esb"), "nowayout=1 heartbeat=20");
+        assert_eq!(module_params(line, "virtio_blk"), "foo=1");
+        assert_eq!(module_params(line, "watchdog"), "stop_on_reboot=0");
+        assert_eq!(module_params(line, "ext4"), "");
     }
 
     #[test]

@@ -14,6 +14,7 @@ pub mod backoff;
 pub mod bootdisk;
 pub mod cmdline;
 pub mod health;
+pub mod kexec;
 pub mod log;
 pub mod logfile;
 pub mod modules;

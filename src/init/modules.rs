@@ -71,8 +71,17 @@ pub enum ModuleOutcome {
 /// The finit_module(2) flag for a compressed module file (Linux 5.17+).
 const MODULE_INIT_COMPRESSED_FILE: libc::c_int = 4;
 
-/// Load one module file.
-pub fn load_one(path: &Path) -> ModuleOutcome {
+/// A module's name from its file name (`i6300esb.ko.xz` -> `i6300esb`).
+pub fn module_name(path: &Path) -> String {
+    let f = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    f.split(".ko").next().unwrap_or("").to_string()
+}
+
+/// Load one module file with the given parameters (`name=value` words, space separated).
+pub fn load_one(path: &Path, params: &str) -> ModuleOutcome {
     use std::os::fd::AsRawFd;
     let f = match std::fs::File::open(path) {
         Ok(f) => f,
@@ -86,9 +95,22 @@ pub fn load_one(path: &Path) -> ModuleOutcome {
     } else {
         0
     };
+    let Ok(params) = std::ffi::CString::new(params) else {
+        return ModuleOutcome::Failed(format!(
+            "the parameters for {} hold a NUL byte",
+            path.display()
+        ));
+    };
     // SAFETY: the fd is open for the duration of the call and the parameter string is a valid
-    // NUL-terminated empty string.
-    let r = unsafe { libc::syscall(libc::SYS_finit_module, f.as_raw_fd(), c"".as_ptr(), flags) };
+    // NUL-terminated string that outlives it.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_finit_module,
+            f.as_raw_fd(),
+            params.as_ptr(),
+            flags,
+        )
+    };
     if r == 0 {
         return ModuleOutcome::Loaded;
     }
@@ -100,10 +122,11 @@ pub fn load_one(path: &Path) -> ModuleOutcome {
     }
 }
 
-/// Load every module of the manifest at `manifest`, in order, logging each outcome through
+/// Load every module of the manifest at `manifest`, in order, with the parameters the kernel
+/// command line `cmdline` gives each (`i6300esb.nowayout=1`), logging each outcome through
 /// `log`. A failure does not stop the others: a missing driver shows up later as a missing disk,
 /// with this log to explain it.
-pub fn load_all(manifest: &Path, log: &mut dyn FnMut(String)) {
+pub fn load_all(manifest: &Path, cmdline: &str, log: &mut dyn FnMut(String)) {
     let text = match std::fs::read_to_string(manifest) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -127,8 +150,12 @@ pub fn load_all(manifest: &Path, log: &mut dyn FnMut(String)) {
         log(e.to_string());
     }
     for p in paths {
-        match load_one(&p) {
-            ModuleOutcome::Loaded => log(format!("module {} loaded", p.display())),
+        let params = super::cmdline::module_params(cmdline, &module_name(&p));
+        match load_one(&p, &params) {
+            ModuleOutcome::Loaded if params.is_empty() => {
+                log(format!("module {} loaded", p.display()))
+            }
+            ModuleOutcome::Loaded => log(format!("module {} loaded ({params})", p.display())),
             ModuleOutcome::AlreadyThere => {
                 log(format!("module {} already loaded or built in", p.display()))
             }
@@ -140,6 +167,17 @@ pub fn load_all(manifest: &Path, log: &mut dyn FnMut(String)) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn module_names_from_file_names() {
+        for (f, n) in [
+            ("/x/i6300esb.ko", "i6300esb"),
+            ("virtio_blk.ko.xz", "virtio_blk"),
+            ("a/b/crc32c-generic.ko.zst", "crc32c-generic"),
+        ] {
+            assert_eq!(module_name(Path::new(f)), n);
+        }
+    }
 
     #[test]
     fn manifest_order_is_kept_and_paths_resolved() {
@@ -194,7 +232,7 @@ mod tests {
 
     #[test]
     fn a_missing_module_file_is_a_reported_failure() {
-        match load_one(Path::new("/nonexistent/virtio.ko")) {
+        match load_one(Path::new("/nonexistent/virtio.ko"), "") {
             ModuleOutcome::Failed(e) => assert!(e.contains("/nonexistent/virtio.ko"), "{e}"),
             other => panic!("expected a failure, got {other:?}"),
         }
