@@ -104,7 +104,7 @@ async fn a_restarted_agent_never_targets_the_running_slot() {
         &record,
         &Booted {
             slot: "a".into(),
-            root_device: String::new(),
+            ..Default::default()
         },
     )
     .unwrap();
@@ -128,7 +128,7 @@ async fn an_agent_that_cannot_establish_the_running_slot_changes_nothing() {
         &record,
         &Booted {
             slot: "b".into(),
-            root_device: String::new(),
+            ..Default::default()
         },
     )
     .unwrap();
