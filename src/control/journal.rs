@@ -438,8 +438,7 @@ fn attempt<'a>(before: &'a [Entry], slot: &str) -> Vec<&'a Entry> {
 fn version_of<'a>(before: &'a [Entry], slot: &str) -> Option<&'a str> {
     attempt(before, slot)
         .into_iter()
-        .filter(|e| !e.facts.version.is_empty())
-        .last()
+        .rfind(|e| !e.facts.version.is_empty())
         .map(|e| e.facts.version.as_str())
 }
 
