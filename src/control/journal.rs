@@ -347,7 +347,8 @@ pub fn record_begin(state_dir: &Path, facts: BootFacts) -> Result<u64, String> {
 
 /// Record how this boot ended in the journal under `state_dir`. Only the first end of a boot
 /// counts: a later one is ignored (`Ok`). An error when the journal has no boot to end (it was
-/// lost or started anew) or cannot be written.
+/// lost or started anew) or cannot be written. It ends the journal's last entry, so call it only
+/// after [`record_begin`] succeeded in this boot: otherwise it would end an earlier boot's.
 pub fn record_end(state_dir: &Path, end: End) -> Result<(), String> {
     let path = journal_path(state_dir);
     let (mut j, warning) = Journal::load(&path);
