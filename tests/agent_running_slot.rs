@@ -2,7 +2,9 @@
 //! staged the other slot, a restarted agent still aims the next install at the staged slot,
 //! never at the running one; installs wait while the running slot is on trial; an agent that
 //! cannot establish the running slot changes nothing; and the install refuses to write the
-//! slot the root is mounted from, whatever the agent believes.
+//! slot the root is mounted from, whatever the agent believes. Status also reports what the
+//! boot established besides the slot: the kernel, the boot stage and the boot journal's last
+//! rollback.
 #![allow(clippy::unwrap_used, clippy::panic)]
 
 mod agent_common;
@@ -13,6 +15,7 @@ use keelos::agent::proto;
 use keelos::block::{read_vec, BlockDevice, FileDevice, Window};
 use keelos::bootctl::{self, store, BootFlags, Slot};
 use keelos::control::boot::{self as bootrec, Booted, RootPlace};
+use keelos::control::journal::{self, BootFacts, End, Journal, Refusal, RefusalReason};
 use keelos::pki::Role;
 
 const IMG_LEN: usize = 1 << 20;
@@ -105,6 +108,8 @@ async fn a_restarted_agent_never_targets_the_running_slot() {
         &Booted {
             slot: "a".into(),
             root_device: String::new(),
+            boot_stage: "1.0.0".into(),
+            trial: false,
         },
     )
     .unwrap();
@@ -113,6 +118,7 @@ async fn a_restarted_agent_never_targets_the_running_slot() {
     let s = status(&node).await;
     assert_eq!(s.booted_slot, "a");
     assert!(s.booted_from.contains("boot record"), "{}", s.booted_from);
+    assert_eq!(s.boot_stage, "1.0.0");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -128,7 +134,7 @@ async fn an_agent_that_cannot_establish_the_running_slot_changes_nothing() {
         &record,
         &Booted {
             slot: "b".into(),
-            root_device: String::new(),
+            ..Default::default()
         },
     )
     .unwrap();
@@ -308,4 +314,78 @@ fn a_loop_device_over_a_slot_is_that_slot() {
         start_512: layout.root(Slot::A).offset / 512,
     };
     assert_eq!(bootrec::slot_at(&disk, &layout, &p), None);
+}
+
+/// Status reads the boot journal on STATE at every call: a rollback recorded there shows as
+/// last_rollback, a corrupt journal shows as none (Status still answers), and the kernel's
+/// release comes from uname.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_reports_the_kernel_and_the_journal_s_last_rollback() {
+    let node = start_node().await;
+    let s = status(&node).await;
+    assert!(!s.kernel_release.is_empty());
+    assert_eq!(
+        s.kernel_release,
+        std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .unwrap()
+            .trim()
+    );
+    assert_eq!(s.last_rollback, "");
+    assert_eq!(
+        s.boot_stage, "",
+        "no boot record: the boot stage is unknown"
+    );
+
+    let state = node.dir.path().join("state");
+    let facts = |slot: &str, trial: bool, version: &str| BootFacts {
+        slot: slot.into(),
+        trial,
+        boot_stage: "1.0.0".into(),
+        kernel_release: "6.1.0-47-amd64".into(),
+        version: version.into(),
+        ..Default::default()
+    };
+    let mut j = Journal::default();
+    j.begin(facts("a", false, "2.0.0"));
+    j.end_last(End::Healthy);
+    for _ in 0..2 {
+        j.begin(facts("b", true, "2.0.1"));
+        j.end_last(End::DeadlineMissed);
+    }
+    j.begin(BootFacts {
+        fallback_from: Some("b".into()),
+        ..facts("a", false, "2.0.0")
+    });
+    j.save(&journal::journal_path(&state)).unwrap();
+    assert_eq!(
+        status(&node).await.last_rollback,
+        "slot b (2.0.1): did not reach health in its trial boots (health deadline missed in 2 \
+         of them); rolled back to slot a"
+    );
+
+    // stage 2's own calls: the next power-on refused b's kernel
+    journal::record_end(&state, End::Reboot).unwrap();
+    journal::record_begin(
+        &state,
+        BootFacts {
+            refused: vec![Refusal {
+                slot: "b".into(),
+                reason: RefusalReason::KernelDigestMismatch,
+            }],
+            ..facts("a", false, "2.0.0")
+        },
+    )
+    .unwrap();
+    let s = status(&node).await;
+    assert!(
+        s.last_rollback
+            .starts_with("slot b: the boot stage refused its kernel"),
+        "{}",
+        s.last_rollback
+    );
+
+    std::fs::write(journal::journal_path(&state), "{").unwrap();
+    let s = status(&node).await;
+    assert_eq!(s.last_rollback, "");
+    assert!(!s.kernel_release.is_empty());
 }

@@ -339,6 +339,25 @@ async fn osctl_exit_codes_and_messages() {
     let (code, out, err) = osctl_async(vec!["--config".into(), s(&admin), "status".into()]).await;
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("slot a"), "{out}");
+    assert!(out.contains("\nkernel: "), "{out}");
+    assert!(out.contains("\nboot stage: unknown\n"), "{out}");
+    assert!(!out.contains("last rollback"), "{out}");
+    // a rollback in the boot journal on STATE: shown in both outputs
+    let state = node.dir.path().join("state");
+    let mut j = keelos::control::journal::Journal::default();
+    j.begin(keelos::control::journal::BootFacts {
+        slot: "a".into(),
+        fallback_from: Some("b".into()),
+        ..Default::default()
+    });
+    j.save(&keelos::control::journal::journal_path(&state))
+        .unwrap();
+    let (code, out, err) = osctl_async(vec!["--config".into(), s(&admin), "status".into()]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("\nlast rollback: slot b: none of its trial boots reached"),
+        "{out}"
+    );
     let (code, out, err) = osctl_async(vec![
         "--config".into(),
         s(&admin),
@@ -350,6 +369,24 @@ async fn osctl_exit_codes_and_messages() {
     assert_eq!(code, 0, "{err}");
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(v["slots"].as_array().unwrap().len(), 2);
+    assert!(!v["kernel_release"].as_str().unwrap().is_empty(), "{v}");
+    assert_eq!(v["boot_stage"], "");
+    assert!(
+        v["last_rollback"]
+            .as_str()
+            .unwrap()
+            .starts_with("slot b: none of its trial boots"),
+        "{v}"
+    );
+    for key in [
+        "os_version",
+        "booted_slot",
+        "rolled_back",
+        "uptime_seconds",
+        "update",
+    ] {
+        assert!(v.get(key).is_some(), "{key} missing from {v}");
+    }
 
     // denied role: exit 5, one line naming the role needed
     let (code, _, err) = osctl_async(vec![

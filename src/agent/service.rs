@@ -14,6 +14,7 @@ use super::roles::{authorize, Rpc};
 use super::running::{self, Evidence, Running};
 use super::tls::Peer;
 use crate::bootctl::{self, store, Slot, SlotFlags};
+use crate::control::journal;
 use crate::fetch::{Connect, Fetcher, TcpConnect};
 use crate::update::driver;
 use crate::update::SlotRecord;
@@ -66,6 +67,8 @@ pub struct Agent<D: NodeDisk = FileDisk, C: Connect = TcpConnect> {
     fetcher: Fetcher<C>,
     /// Permits for [`MAX_LOG_STREAMS`].
     log_streams: Arc<tokio::sync::Semaphore>,
+    /// The boot stage's version from stage 2's record, empty when unknown.
+    boot_stage: Arc<str>,
 }
 
 impl<D: NodeDisk, C: Connect> Clone for Agent<D, C> {
@@ -79,6 +82,7 @@ impl<D: NodeDisk, C: Connect> Clone for Agent<D, C> {
             started: self.started,
             fetcher: self.fetcher.clone(),
             log_streams: self.log_streams.clone(),
+            boot_stage: self.boot_stage.clone(),
         }
     }
 }
@@ -179,6 +183,13 @@ fn uptime_seconds(started: Instant) -> u64 {
         .unwrap_or_else(|| started.elapsed().as_secs())
 }
 
+/// The running kernel's release (uname -r), empty if uname(2) fails.
+fn kernel_release() -> String {
+    nix::sys::utsname::uname()
+        .map(|u| u.release().to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
 fn os_version() -> String {
     std::fs::read_to_string("/etc/os-release")
         .ok()
@@ -216,12 +227,17 @@ impl Agent {
     pub fn new(cfg: AgentConfig, control: Arc<dyn NodeControl>) -> Result<Agent, String> {
         let dev = crate::block::FileDevice::open(&cfg.disk, false).map_err(|e| e.to_string())?;
         let (layout, flags) = store::load(&dev).map_err(|e| e.to_string())?;
-        let record = match &cfg.boot_record {
-            Some(p) => crate::control::boot::read(p)
-                .and_then(|r| r.map(|b| b.slot()).transpose())
-                .map_err(|e| format!("the boot record: {e}")),
+        let booted = match &cfg.boot_record {
+            Some(p) => crate::control::boot::read(p),
             None => Ok(None),
         };
+        let boot_stage = match &booted {
+            Ok(Some(b)) => b.boot_stage.clone(),
+            _ => String::new(),
+        };
+        let record = booted
+            .and_then(|r| r.map(|b| b.slot()).transpose())
+            .map_err(|e| format!("the boot record: {e}"));
         let running = running::establish(&Evidence {
             given: cfg.booted,
             record,
@@ -242,7 +258,9 @@ impl Agent {
         let disk = FileDisk {
             disk: cfg.disk.clone(),
         };
-        Ok(Agent::build(cfg, running, disk, fetcher, control))
+        let mut agent = Agent::build(cfg, running, disk, fetcher, control);
+        agent.boot_stage = boot_stage.into();
+        Ok(agent)
     }
 }
 
@@ -282,6 +300,7 @@ impl<D: NodeDisk, C: Connect> Agent<D, C> {
             started: Instant::now(),
             fetcher,
             log_streams: Arc::new(tokio::sync::Semaphore::new(MAX_LOG_STREAMS)),
+            boot_stage: Arc::from(""),
         }
     }
 
@@ -405,7 +424,36 @@ impl<D: NodeDisk, C: Connect> Agent<D, C> {
                 .map(|s| s.letter().to_string())
                 .unwrap_or_default(),
             booted_from: self.running.describe(),
+            kernel_release: kernel_release(),
+            boot_stage: self.boot_stage.to_string(),
+            last_rollback: self.last_rollback().await,
         })
+    }
+
+    /// The most recent rollback's reason from the boot journal on STATE, empty when there is
+    /// none. A journal that cannot be read never fails Status: it is logged and shows as none.
+    async fn last_rollback(&self) -> String {
+        let path = journal::journal_path(&self.cfg.state_dir);
+        let read = tokio::task::spawn_blocking(move || {
+            let (j, warning) = journal::Journal::load(&path);
+            (journal::last_rollback(&j.entries), warning)
+        })
+        .await;
+        match read {
+            Ok((reason, warning)) => {
+                if let Some(w) = warning {
+                    eprintln!("keel-agent: {w}; Status shows no last rollback");
+                }
+                reason.unwrap_or_default()
+            }
+            Err(e) => {
+                eprintln!(
+                    "keel-agent: reading the boot journal failed ({e}); Status shows no last \
+                     rollback"
+                );
+                String::new()
+            }
+        }
     }
 }
 

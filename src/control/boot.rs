@@ -25,7 +25,7 @@ pub fn record_path(control_socket: &Path) -> PathBuf {
 }
 
 /// What stage 2 writes: the slot stage 1 mounted, and how it booted it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Booted {
     /// "a" or "b".
     pub slot: String,
@@ -33,6 +33,13 @@ pub struct Booted {
     /// it could not be read.
     #[serde(default)]
     pub root_device: String,
+    /// The version of the boot stage that chose the slot (`keel.bootstage`, e.g. "1.0.0"),
+    /// empty when unknown (an older stage 2, or no boot stage).
+    #[serde(default)]
+    pub boot_stage: String,
+    /// Whether the boot stage booted the slot on trial (`keel.boot=trial`).
+    #[serde(default)]
+    pub trial: bool,
 }
 
 impl Booted {
@@ -214,11 +221,17 @@ mod tests {
         let b = Booted {
             slot: "b".into(),
             root_device: "254:5".into(),
+            boot_stage: "1.0.0".into(),
+            trial: true,
         };
         write(&p, &b).unwrap();
         let back = read(&p).unwrap().unwrap();
         assert_eq!(back, b);
         assert_eq!(back.slot().unwrap(), Slot::B);
+        // a record from before boot_stage and trial
+        std::fs::write(&p, "{\"slot\":\"a\",\"root_device\":\"254:3\"}").unwrap();
+        let old = read(&p).unwrap().unwrap();
+        assert_eq!((old.boot_stage.as_str(), old.trial), ("", false));
         std::fs::write(&p, "{\"slot\":\"c\"}").unwrap();
         assert!(read(&p).unwrap().unwrap().slot().is_err());
         std::fs::write(&p, "not json").unwrap();

@@ -8,6 +8,7 @@
 //! the client; the server lives in keel-init (`init::server`). It never touches services itself.
 
 pub mod boot;
+pub mod journal;
 
 use serde::{Deserialize, Serialize};
 use std::io::{BufRead, BufReader, Write};

@@ -200,6 +200,7 @@ fn record_booted(opts: &Stage2Options) {
     let rec = crate::control::boot::Booted {
         slot: slot.letter().into(),
         root_device,
+        ..Default::default()
     };
     match crate::control::boot::write(&path, &rec) {
         Ok(()) => log(format!("booted slot {slot} recorded in {}", path.display())),

@@ -324,6 +324,9 @@ fn status_json(s: &proto::StatusReply) -> serde_json::Value {
         "rolled_back": s.rolled_back,
         "rolled_back_from": s.rolled_back_from,
         "uptime_seconds": s.uptime_seconds,
+        "kernel_release": s.kernel_release,
+        "boot_stage": s.boot_stage,
+        "last_rollback": s.last_rollback,
         "slots": s.slots.iter().map(|x| json!({
             "slot": x.slot,
             "priority": x.priority,
@@ -362,6 +365,14 @@ fn human(n: u64) -> String {
     }
 }
 
+fn or_unknown(s: &str) -> &str {
+    if s.is_empty() {
+        "unknown"
+    } else {
+        s
+    }
+}
+
 fn print_status(s: &proto::StatusReply) {
     println!("OS:          {}", s.os_version);
     println!("agent:       {}", s.agent_version);
@@ -383,6 +394,8 @@ fn print_status(s: &proto::StatusReply) {
         }
     );
     println!("uptime:      {}s", s.uptime_seconds);
+    println!("kernel: {}", or_unknown(&s.kernel_release));
+    println!("boot stage: {}", or_unknown(&s.boot_stage));
     if s.rolled_back {
         println!(
             "rolled back: yes{}",
@@ -392,6 +405,9 @@ fn print_status(s: &proto::StatusReply) {
                 format!(" (from {})", s.rolled_back_from)
             }
         );
+    }
+    if !s.last_rollback.is_empty() {
+        println!("last rollback: {}", s.last_rollback);
     }
     for x in &s.slots {
         let img = x
