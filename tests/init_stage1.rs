@@ -349,7 +349,7 @@ fn a_slot_that_does_not_mount_is_marked_failed_and_the_other_boots_in_the_same_p
     let a = slot_image(t.path(), "A");
     let mut b = slot_image(t.path(), "B");
     b[..512].fill(0xAA); // superblock destroyed
-    let (initramfs, img, _) = machine(t.path(), &a, &b);
+    let (initramfs, img, state) = machine(t.path(), &a, &b);
 
     let mut boot = Boot::start(&initramfs, t.path().join("console"));
     let (init, sock) = boot.running();
@@ -378,4 +378,21 @@ fn a_slot_that_does_not_mount_is_marked_failed_and_the_other_boots_in_the_same_p
         .power_off()
         .unwrap();
     assert_eq!(boot.end(), Some(libc::SIGINT), "{}", boot.console());
+    // the boot journal on STATE: this boot, what was refused, and how it ended
+    let j = &read_state(&img, &state, &["boot/journal.json"])[0];
+    let j: serde_json::Value = serde_json::from_str(j).unwrap();
+    let e = &j["entries"][0];
+    assert_eq!(e["slot"], "a", "{j}");
+    assert_eq!(e["fallback_from"], "b", "{j}");
+    assert_eq!(e["refused"][0]["slot"], "b", "{j}");
+    assert_eq!(e["refused"][0]["reason"], "squashfs-mount-failed", "{j}");
+    assert_eq!(e["end"], "shutdown", "{j}");
+    let why = keelos::control::journal::last_rollback(
+        &serde_json::from_value::<keelos::control::journal::Journal>(j.clone())
+            .unwrap()
+            .entries,
+    )
+    .unwrap();
+    println!("last rollback: {why}");
+    assert!(why.starts_with("slot b"), "{why}");
 }

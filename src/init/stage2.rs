@@ -18,6 +18,7 @@ use super::supervisor::{NodeFacts, Supervisor};
 use super::watchdog::Watchdog;
 use crate::bootctl::{self, store, Slot};
 use crate::config::{self, Ipv4Cidr, NodeConfig};
+use crate::control::journal::End;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
@@ -36,6 +37,8 @@ pub struct Stage2Options {
     pub slot: Option<Slot>,
     pub watchdog_fd: Option<i32>,
     pub cmdline: PathBuf,
+    /// The boot stage's hand-over words when it could not pass them on a command line.
+    pub handoff: Option<String>,
 }
 
 impl Stage2Options {
@@ -54,6 +57,7 @@ impl Stage2Options {
             slot: a.slot,
             watchdog_fd: a.watchdog_fd,
             cmdline: a.cmdline.clone().unwrap_or_else(|| "/proc/cmdline".into()),
+            handoff: a.handoff.clone(),
             state_dir,
         }
     }
@@ -170,6 +174,17 @@ fn open_watchdog(opts: &Stage2Options, cfg: &NodeConfig) -> Option<Watchdog> {
     Some(w)
 }
 
+/// Whether a watchdog under `class` (/sys/class/watchdog) says it cannot be stopped.
+fn watchdog_nowayout(class: &Path) -> bool {
+    std::fs::read_dir(class)
+        .map(|rd| {
+            rd.flatten().any(|e| {
+                std::fs::read_to_string(e.path().join("nowayout")).is_ok_and(|v| v.trim() == "1")
+            })
+        })
+        .unwrap_or(false)
+}
+
 fn agent_serving(addr: Option<SocketAddr>) -> bool {
     addr.is_some_and(|a| TcpStream::connect_timeout(&a, Duration::from_millis(300)).is_ok())
 }
@@ -188,7 +203,7 @@ fn mark_successful(disk: &Path, slot: Slot) -> Result<String, String> {
 
 /// Record the slot stage 1 mounted for keel-agent (see [`crate::control::boot`]), before any
 /// service starts. Without a slot (stage 2 run by hand) a stale record is removed.
-fn record_booted(opts: &Stage2Options) {
+fn record_booted(opts: &Stage2Options, params: &KernelParams) {
     let path = crate::control::boot::record_path(&opts.control);
     let Some(slot) = opts.slot else {
         let _ = std::fs::remove_file(&path);
@@ -200,7 +215,8 @@ fn record_booted(opts: &Stage2Options) {
     let rec = crate::control::boot::Booted {
         slot: slot.letter().into(),
         root_device,
-        ..Default::default()
+        boot_stage: params.boot_stage.clone().unwrap_or_default(),
+        trial: params.trial.unwrap_or(false),
     };
     match crate::control::boot::write(&path, &rec) {
         Ok(()) => log(format!("booted slot {slot} recorded in {}", path.display())),
@@ -208,6 +224,76 @@ fn record_booted(opts: &Stage2Options) {
             "cannot record the booted slot in {}: {e}; keel-agent will refuse installs",
             path.display()
         )),
+    }
+}
+
+/// The kernel parameters, with the boot stage's hand-over words from `--handoff` (a boot that
+/// switched root without a kexec) taking the place of the command line's.
+fn kernel_params(opts: &Stage2Options) -> KernelParams {
+    let text = std::fs::read_to_string(&opts.cmdline).unwrap_or_default();
+    let (mut params, mut warnings) = cmdline::parse_kernel(&text);
+    if let Some(h) = &opts.handoff {
+        let (hp, w) = cmdline::parse_kernel(h);
+        warnings.extend(w);
+        params.slot = hp.slot;
+        params.trial = hp.trial;
+        params.boot_stage = hp.boot_stage;
+        params.refused = hp.refused;
+        params.fallback_from = hp.fallback_from;
+    }
+    for w in warnings {
+        log(w);
+    }
+    params
+}
+
+/// Start this boot's entry in the boot journal on STATE: the slot, whether it is a trial, what
+/// the boot stage refused or fell back from, the kernel and the slot's version. Returns whether
+/// the entry was written (only then may this boot's end be recorded).
+fn journal_begin(opts: &Stage2Options, params: &KernelParams) -> bool {
+    use crate::control::journal;
+    let Some(slot) = opts.slot else {
+        return false;
+    };
+    let (refused, warnings) = journal::parse_refusals(params.refused.as_deref().unwrap_or(""));
+    for w in warnings {
+        log(format!("keel.refused: {w}"));
+    }
+    let facts = journal::BootFacts {
+        slot: slot.letter().into(),
+        trial: params.trial.unwrap_or(false),
+        boot_stage: params.boot_stage.clone().unwrap_or_default(),
+        kernel_release: nix::sys::utsname::uname()
+            .map(|u| u.release().to_string_lossy().into_owned())
+            .unwrap_or_default(),
+        version: std::fs::read_to_string("/etc/os-release")
+            .ok()
+            .and_then(|t| super::stage1::os_release_version(&t))
+            .unwrap_or_default(),
+        refused,
+        fallback_from: params.fallback_from.map(|s| s.letter().to_string()),
+    };
+    match journal::begin_at(&opts.state_dir, facts) {
+        Ok((seq, warning)) => {
+            if let Some(w) = warning {
+                log(w);
+            }
+            log(format!("boot {seq} recorded in the boot journal"));
+            true
+        }
+        Err(e) => {
+            log(e);
+            false
+        }
+    }
+}
+
+fn journal_end(opts: &Stage2Options, began: bool, end: crate::control::journal::End) {
+    if !began {
+        return;
+    }
+    if let Err(e) = crate::control::journal::record_end(&opts.state_dir, end) {
+        log(e);
     }
 }
 
@@ -227,21 +313,21 @@ pub fn run(opts: &Stage2Options) -> ShutdownKind {
     // ctrl-alt-del becomes SIGINT (a clean reboot) instead of an immediate reset
     let _ = nix::sys::reboot::set_cad_enabled(false);
 
-    record_booted(opts);
+    let params = kernel_params(opts);
+    record_booted(opts, &params);
+    let journal = journal_begin(opts, &params);
     let cfg = load_config(&opts.config);
     if let Some(h) = &cfg.hostname {
         if let Err(e) = nix::unistd::sethostname(h) {
             log(format!("cannot set the host name {h:?}: {e}"));
         }
     }
-    let (params, warnings) =
-        cmdline::parse_kernel(&std::fs::read_to_string(&opts.cmdline).unwrap_or_default());
-    for w in warnings {
-        log(w);
-    }
     network(&cfg, &params);
     let mut watchdog = open_watchdog(opts, &cfg);
     let pet_every = Duration::from_secs(u64::from(cfg.watchdog.timeout_secs / 4).max(1));
+    // a watchdog locked on (nowayout, as the boot stage loads it) ignores the magic close:
+    // closing it would only starve it, so it is petted instead
+    let nowayout = watchdog_nowayout(Path::new("/sys/class/watchdog"));
 
     let facts = NodeFacts {
         boot_disk: opts.boot_disk.clone(),
@@ -375,7 +461,10 @@ pub fn run(opts: &Stage2Options) -> ShutdownKind {
                 HealthAction::Wait => {}
                 HealthAction::MarkSuccessful => match (&opts.boot_disk, opts.slot) {
                     (Some(d), Some(s)) => match mark_successful(d, s) {
-                        Ok(m) => log(format!("boot healthy: {m}")),
+                        Ok(m) => {
+                            log(format!("boot healthy: {m}"));
+                            journal_end(opts, journal, End::Healthy);
+                        }
                         Err(e) => log(format!(
                             "boot healthy, but marking slot {s} successful failed: {e}"
                         )),
@@ -387,6 +476,7 @@ pub fn run(opts: &Stage2Options) -> ShutdownKind {
                         "the node did not become healthy within {} s; rebooting",
                         cfg.health.boot_deadline_secs
                     ));
+                    journal_end(opts, journal, End::DeadlineMissed);
                     break 'main ShutdownKind::Reboot;
                 }
             }
@@ -402,6 +492,11 @@ pub fn run(opts: &Stage2Options) -> ShutdownKind {
                     }
                 }
                 WatchdogAction::Starve => {}
+                WatchdogAction::Close if nowayout => {
+                    if let Some(w) = watchdog.as_mut() {
+                        let _ = w.pet();
+                    }
+                }
                 WatchdogAction::Close => {
                     if let Some(w) = watchdog.take() {
                         match w.magic_close() {
@@ -415,6 +510,14 @@ pub fn run(opts: &Stage2Options) -> ShutdownKind {
     };
 
     log(format!("shutting down for {kind:?}"));
+    journal_end(
+        opts,
+        journal,
+        match kind {
+            ShutdownKind::Reboot => End::Reboot,
+            ShutdownKind::PowerOff => End::Shutdown,
+        },
+    );
     if let Some(s) = &server {
         s.close();
     }
