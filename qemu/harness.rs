@@ -33,14 +33,28 @@ pub fn free_port() -> u16 {
     l.local_addr().expect("local address").port()
 }
 
+/// The UEFI firmware the disk boots under (Debian's ovmf).
+pub const OVMF: &str = "/usr/share/ovmf/OVMF.fd";
+
+/// How the guest starts.
+#[derive(Debug, Clone)]
+pub enum Boot {
+    /// Direct kernel boot: QEMU loads `kernel` and `initrd` itself, with `console=ttyS0` and
+    /// `append` as the command line.
+    Direct {
+        kernel: PathBuf,
+        initrd: PathBuf,
+        append: String,
+    },
+    /// UEFI (OVMF) boots the disk: nothing but the disk, as on real hardware.
+    Uefi,
+}
+
 /// What to boot.
 #[derive(Debug, Clone)]
 pub struct VmSpec {
-    pub kernel: PathBuf,
-    pub initrd: PathBuf,
+    pub boot: Boot,
     pub disk: PathBuf,
-    /// Extra kernel arguments after `console=ttyS0`.
-    pub append: String,
     /// The loopback port the guest's 10.0.2.100:8080 reaches (the test's update server).
     pub http_port: Option<u16>,
     pub serial_log: PathBuf,
@@ -74,18 +88,13 @@ impl Vm {
             "-nodefaults",
             "-no-user-config",
         ])
-        .arg("-kernel")
-        .arg(&spec.kernel)
-        .arg("-initrd")
-        .arg(&spec.initrd)
-        .arg("-append")
-        .arg(format!("console=ttyS0 {}", spec.append))
         .arg("-drive")
-        .arg(format!("file={},if=virtio,format=raw", spec.disk.display()))
+        .arg(format!("file={},if=none,id=d0,format=raw", spec.disk.display()))
+        .args(["-device", "virtio-blk-pci,drive=d0,bootindex=1"])
         .args(["-device", "i6300esb", "-action", "watchdog=reset"])
         .arg("-netdev")
         .arg(net)
-        // romfile= : no PXE option ROM (direct kernel boot needs none; ipxe-qemu not required)
+        // romfile= : no PXE option ROM (neither boot needs one; ipxe-qemu not required)
         .args(["-device", "virtio-net-pci,netdev=n0,romfile="])
         .arg("-serial")
         .arg(format!("file:{}", spec.serial_log.display()))
@@ -93,6 +102,23 @@ impl Vm {
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
+        match &spec.boot {
+            Boot::Direct {
+                kernel,
+                initrd,
+                append,
+            } => {
+                cmd.arg("-kernel")
+                    .arg(kernel)
+                    .arg("-initrd")
+                    .arg(initrd)
+                    .arg("-append")
+                    .arg(format!("console=ttyS0 {append}"));
+            }
+            Boot::Uefi => {
+                cmd.arg("-bios").arg(OVMF);
+            }
+        }
         let started = Instant::now();
         let child = cmd
             .spawn()

@@ -10,7 +10,7 @@ mod harness;
 mod node;
 mod server;
 
-use harness::{scratch, timing, Vm, VmSpec};
+use harness::{scratch, timing, Boot, Vm, VmSpec};
 use keelos::image::release;
 use keelos::image::stub::{self, Stub};
 use keelos::image::tree::Content;
@@ -75,10 +75,12 @@ fn probe_initramfs_reaches_userspace() {
     f.set_len(64 << 20).unwrap();
     drop(f);
     let mut vm = Vm::start(VmSpec {
-        kernel: vmlinuz,
-        initrd,
+        boot: Boot::Direct {
+            kernel: vmlinuz,
+            initrd,
+            append: String::new(),
+        },
         disk,
-        append: String::new(),
         http_port: None,
         serial_log: dir.path().join("serial.log"),
     });
@@ -353,10 +355,12 @@ fn v1_boots_keel_init_mounts_the_slot_and_starts_containerd() {
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let mut vm = Vm::start(VmSpec {
-        kernel: rel.join("vmlinuz"),
-        initrd: rel.join("initramfs.img"),
+        boot: Boot::Direct {
+            kernel: rel.join("vmlinuz"),
+            initrd: rel.join("initramfs.img"),
+            append: String::new(),
+        },
         disk: disk.clone(),
-        append: String::new(),
         http_port: None,
         serial_log: d.join("serial.log"),
     });
