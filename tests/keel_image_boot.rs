@@ -369,3 +369,43 @@ fn a_disk_carries_the_boot_stage_and_install_replaces_only_it() {
     assert_eq!(sha_outside(&disk, esp_at, esp.len() as u64), before);
     assert_eq!(esp_bytes(&disk).1, esp2, "a refused install wrote nothing");
 }
+
+#[test]
+fn install_formats_the_empty_esp_of_a_disk_made_before_boot_stages() {
+    let (good_dir, _) = good();
+    let d = tempfile::tempdir().unwrap();
+    let disk = d.path().join("old.img").display().to_string();
+    ok(&[
+        "disk",
+        "create",
+        &disk,
+        "--size",
+        "256M",
+        "--root-size",
+        "64M",
+        "--esp-size",
+        "48M",
+    ]);
+    let o = keel_image(&["boot-stage", "show", "--disk", &disk]);
+    assert!(!o.status.success(), "an empty ESP has no boot stage");
+    ok(&[
+        "boot-stage",
+        "install",
+        "--disk",
+        &disk,
+        "--boot-stage",
+        &good_dir.path().display().to_string(),
+        "--cmdline",
+        "keel.a=1 keel.b=2",
+    ]);
+    let (_, esp) = esp_bytes(Path::new(&disk));
+    assert_eq!(&esp[82..87], b"FAT32");
+    fsck_fat(&esp);
+    let rec: BootStageRecord =
+        serde_json::from_str(&ok(&["boot-stage", "show", "--disk", &disk])).unwrap();
+    assert_eq!(rec.version, "1.0.0");
+    assert_eq!(
+        rec.cmdline,
+        format!("{} keel.a=1 keel.b=2", esp::BASE_CMDLINE)
+    );
+}

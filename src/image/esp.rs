@@ -160,15 +160,8 @@ impl Fat {
 /// which is `len` bytes.
 pub fn format(img: &Path, len: u64) -> Result<(), ImageError> {
     let mut cmd = Command::new("mkfs.fat");
-    cmd.args([
-        "-S",
-        "512",
-        "-n",
-        VOLUME_LABEL,
-        "-i",
-        "4B45454C",
-        "--invariant",
-    ]);
+    // --invariant: a fixed volume id and creation time instead of random and current ones
+    cmd.args(["-S", "512", "-n", VOLUME_LABEL, "--invariant"]);
     if len >= FAT32_MIN {
         cmd.args(["-F", "32", "-s", "1"]);
     }
