@@ -167,7 +167,7 @@ enum DiskCmd {
         /// Disk size in bytes (suffixes K, M, G, T for KiB, MiB, GiB, TiB).
         #[arg(long, value_parser = parse_size)]
         size: u64,
-        #[arg(long, value_parser = parse_size, default_value = "64M")]
+        #[arg(long, value_parser = parse_size, default_value = "16M")]
         esp_size: u64,
         #[arg(long, value_parser = parse_size, default_value = "512M")]
         root_size: u64,
