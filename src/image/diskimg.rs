@@ -1,11 +1,12 @@
 //! A bootable KeelOS disk image: the GPT layout (via [`crate::disk::create`]), a release's root
 //! image in slot A, an ext4 STATE holding the node's PKI and configuration, and slot A active
-//! and marked successful (via [`crate::bootctl::store`]). The root image is installed by the
+//! and marked successful (via [`crate::bootctl::store`]), and the boot stage on the ESP
+//! ([`super::esp`]). The root image is installed by the
 //! update engine ([`crate::update::driver`]), so slot A carries the same image record (version,
 //! length, SHA-256) as a slot an update wrote.
 //!
-//! Writes only the disk image file it creates (refusing to overwrite an existing one) and a
-//! temporary STATE file beside it.
+//! Writes only the disk image file it creates (refusing to overwrite an existing one) and
+//! temporary STATE and ESP files beside it.
 
 use super::tree::Tree;
 use super::ImageError;
@@ -31,6 +32,9 @@ pub struct DiskInputs {
     pub pki: Option<PathBuf>,
     /// The node configuration, stored as STATE's /config/node.json.
     pub config: Option<PathBuf>,
+    /// The boot stage for the ESP (a FAT32 file system with the UKI); `None` leaves the ESP
+    /// empty.
+    pub boot_stage: Option<super::esp::BootStage>,
 }
 
 /// The files of the agent's PKI that a node holds.
@@ -197,6 +201,20 @@ pub fn build(inputs: &DiskInputs, out: &Path) -> Result<(), ImageError> {
         disk::create(&mut dev, inputs.layout)?;
         install_root(&mut dev, &inputs.root_image, &inputs.version)?;
         let layout = disk::open(&dev)?;
+        if let Some(stage) = &inputs.boot_stage {
+            let esp_file = out.with_extension("esp.tmp");
+            let r = super::esp::make_image(&esp_file, layout.esp.len, stage).and_then(|()| {
+                copy_into(
+                    &mut dev,
+                    layout.esp.offset,
+                    &esp_file,
+                    layout.esp.len,
+                    "the ESP",
+                )
+            });
+            let _ = std::fs::remove_file(&esp_file);
+            r?;
+        }
         let state_file = out.with_extension("state.tmp");
         let st = state_tree(inputs.pki.as_deref(), inputs.config.as_deref())?;
         let r = mkfs_state(&st, &state_file, layout.state.len).and_then(|()| {
@@ -252,6 +270,7 @@ mod tests {
             },
             pki: Some(pki),
             config: Some(cfg),
+            boot_stage: None,
         };
         build(&inputs, &out).unwrap();
         let dev = FileDevice::open(&out, false).unwrap();
@@ -312,6 +331,7 @@ mod tests {
                 },
                 pki: None,
                 config: None,
+                boot_stage: None,
             },
             &out,
         )

@@ -3,19 +3,22 @@
 //!
 //! This module owns the image pipeline: pinned Debian inputs ([`debian`]), kernel module
 //! resolution ([`modules`]), the newc writer ([`cpio`]), reproducible file trees ([`tree`]), the
-//! audit that keeps shells and interpreters out ([`audit`]), the release ([`release`]) and the
-//! disk ([`diskimg`]). It never writes outside the output paths and the package cache it is
+//! audit that keeps shells and interpreters out ([`audit`]), the release ([`release`]), the boot
+//! stage (a UKI, [`uki`], on the ESP, [`esp`]) and the disk ([`diskimg`]). It never writes outside the output paths and the package cache it is
 //! given, and it never modifies what it takes from Debian.
 
 pub mod audit;
+pub mod bootfiles;
 pub mod cpio;
 pub mod debian;
 pub mod diskimg;
 pub mod elf;
+pub mod esp;
 pub mod modules;
 pub mod release;
 pub mod stub;
 pub mod tree;
+pub mod uki;
 
 /// Building an image failed.
 #[derive(Debug, thiserror::Error)]
@@ -34,6 +37,12 @@ pub enum ImageError {
         #[source]
         source: elf::ElfError,
     },
+    #[error("{path}: {source}")]
+    Pe {
+        path: String,
+        #[source]
+        source: uki::PeError,
+    },
     #[error("{program} needs {lib}, which is in none of the build host's library directories; install the package that has it")]
     MissingLibrary { lib: String, program: String },
     #[error("{what} is missing: no file at {path}")]
@@ -44,6 +53,11 @@ pub enum ImageError {
     TooLarge { what: String, len: u64, room: u64 },
     #[error("installing {what} failed: {why}")]
     Install { what: String, why: String },
+    #[error(
+        "cannot tell the kernel release (uname -r) of {package}: {why}; give a kernel image \
+         package (linux-image-<release>), not a meta-package"
+    )]
+    KernelRelease { package: String, why: String },
     #[error("{0} already exists; remove it or choose another output path")]
     Exists(String),
     #[error("{file} line {line}: {why}")]

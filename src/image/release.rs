@@ -5,6 +5,7 @@
 //! output directory's files of the same names are replaced, nothing else there is touched.
 
 use super::audit::{self, LIB_DIRS};
+use super::bootfiles::{BootFiles, SLOT_BOOT_RECORD, SLOT_INITRAMFS, SLOT_KERNEL};
 use super::debian::{PackageCache, Versions};
 use super::modules::{self, ModuleIndex, MANIFEST_PATH};
 use super::stub::{self, Stub};
@@ -26,6 +27,84 @@ pub enum Broken {
     InitHangs,
     /// The root image's SquashFS superblock is destroyed: the slot does not mount.
     CorruptSquashfs,
+    /// The slot's /boot/vmlinuz is 1 MiB of a fixed pattern, not a bzImage, and keel-boot.json
+    /// describes those bytes truthfully (as a release built with a bad kernel would):
+    /// kexec_file_load refuses it.
+    KernelRefused,
+    /// The slot's initramfs lacks the disk driver (virtio_blk, virtio_pci and the modules that
+    /// need them): the slot's keel-init never finds its disk.
+    InitramfsNoDisk,
+    /// The slot's initramfs has /init = a program that hangs before anything can pet the
+    /// watchdog.
+    InitramfsHangs,
+}
+
+/// The modules [`Broken::InitramfsNoDisk`] leaves out, with every module that needs them.
+pub const DISK_DRIVER_MODULES: [&str; 2] = ["virtio_blk", "virtio_pci"];
+
+/// The slot kernel of [`Broken::KernelRefused`]: 1 MiB that no kernel loader accepts.
+pub fn refused_kernel() -> Vec<u8> {
+    b"KEELOS: NOT A KERNEL (--broken kernel-refused)\n"
+        .iter()
+        .copied()
+        .cycle()
+        .take(1 << 20)
+        .collect()
+}
+
+/// A kernel package to build with instead of the one image/versions.env pins.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KernelPackage {
+    /// e.g. linux-image-6.1.0-48-amd64
+    pub package: String,
+    /// The Debian package version, e.g. 6.1.172-1
+    pub version: String,
+}
+
+impl std::str::FromStr for KernelPackage {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.split_once('=') {
+            Some((p, v)) if !p.trim().is_empty() && !v.trim().is_empty() => Ok(KernelPackage {
+                package: p.trim().to_string(),
+                version: v.trim().to_string(),
+            }),
+            _ => Err(format!(
+                "{s:?} is not NAME=VERSION (e.g. linux-image-6.1.0-48-amd64=6.1.172-1; \
+                 `apt-cache policy NAME` shows the versions)"
+            )),
+        }
+    }
+}
+
+/// The kernel release (`uname -r`) of an extracted kernel package: the name of its single
+/// directory under lib/modules.
+pub fn kernel_release_of(root: &Path, package: &str) -> Result<String, ImageError> {
+    let dir = root.join("lib/modules");
+    let err = |why: String| ImageError::KernelRelease {
+        package: package.to_string(),
+        why,
+    };
+    let entries =
+        std::fs::read_dir(&dir).map_err(|e| err(format!("cannot read {}: {e}", dir.display())))?;
+    let mut found = Vec::new();
+    for ent in entries {
+        let ent = ent.map_err(|e| err(format!("cannot read {}: {e}", dir.display())))?;
+        if ent.file_type().is_ok_and(|t| t.is_dir()) {
+            found.push(ent.file_name().to_string_lossy().into_owned());
+        }
+    }
+    found.sort();
+    match found.as_slice() {
+        [one] => Ok(one.clone()),
+        [] => Err(err(format!("{} holds no kernel release", dir.display()))),
+        many => Err(err(format!(
+            "{} holds several kernel releases ({})",
+            dir.display(),
+            many.join(", ")
+        ))),
+    }
 }
 
 /// What a release is built from.
@@ -42,6 +121,8 @@ pub struct ReleaseInputs {
     /// A kubelet binary to carry, when the operator has one (none is in Debian's archive).
     pub kubelet: Option<PathBuf>,
     pub broken: Option<Broken>,
+    /// Build with this kernel package instead of the one versions.env pins.
+    pub kernel_package: Option<KernelPackage>,
     /// zstd level of the compressed root image (19 for releases; tests may go faster).
     pub zstd_level: i32,
     /// A previous release directory: write a delta (BSDF2) from its root image to this one.
@@ -53,6 +134,9 @@ pub struct ReleaseInputs {
 pub struct Release {
     pub version: String,
     pub kernel_release: String,
+    /// The Debian kernel package and its version.
+    pub kernel_package: String,
+    pub kernel_version: String,
     pub kernel: PathBuf,
     pub initramfs: PathBuf,
     pub root: PathBuf,
@@ -68,6 +152,8 @@ pub struct Release {
     pub delta: Option<DeltaArtifact>,
     /// Modules in the initramfs, in load order.
     pub modules: Vec<String>,
+    /// What the root image's /boot/keel-boot.json says about the slot's kernel and initramfs.
+    pub slot_boot: BootFiles,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub broken: Option<Broken>,
 }
@@ -226,8 +312,27 @@ pub fn initramfs_tree(
     release: &str,
     module_roots: &[String],
 ) -> Result<(Tree, Vec<String>), ImageError> {
+    initramfs_tree_without(init, kernel_root, release, module_roots, &[])
+}
+
+/// [`initramfs_tree`] without the modules `leave_out` and the modules that need them (a root
+/// of the list that depends on one of them is dropped with it).
+pub fn initramfs_tree_without(
+    init: Content,
+    kernel_root: &Path,
+    release: &str,
+    module_roots: &[String],
+    leave_out: &[&str],
+) -> Result<(Tree, Vec<String>), ImageError> {
     let idx = ModuleIndex::open(kernel_root, release)?;
-    let mods = idx.resolve(module_roots)?;
+    let mut roots = Vec::new();
+    for r in module_roots {
+        let needs = idx.resolve(std::slice::from_ref(r))?;
+        if !needs.iter().any(|m| leave_out.contains(&m.name.as_str())) {
+            roots.push(r.clone());
+        }
+    }
+    let mods = idx.resolve(&roots)?;
     let mut t = Tree::new();
     for d in ["dev", "proc", "sys", "run", "tmp", "newroot"] {
         t.dir(d)?;
@@ -415,7 +520,13 @@ pub fn sha256_file(p: &Path) -> Result<(String, u64), ImageError> {
 
 /// Build a release into `out` (created if needed).
 pub fn build(inputs: &ReleaseInputs, out: &Path) -> Result<Release, ImageError> {
-    let versions = Versions::load(&inputs.image_dir.join("versions.env"))?;
+    let mut versions = Versions::load(&inputs.image_dir.join("versions.env"))?;
+    if let Some(k) = &inputs.kernel_package {
+        let root = inputs.cache.extracted(&k.package, &k.version)?;
+        versions.kernel_release = kernel_release_of(&root, &k.package)?;
+        versions.kernel_package = k.package.clone();
+        versions.kernel_version = k.version.clone();
+    }
     let mods_path = inputs.image_dir.join("modules.list");
     let module_roots = modules::parse_list(
         &std::fs::read_to_string(&mods_path).map_err(io(mods_path.display().to_string()))?,
@@ -433,23 +544,73 @@ pub fn build(inputs: &ReleaseInputs, out: &Path) -> Result<Release, ImageError> 
     let kernel_out = out.join(KERNEL_FILE);
     std::fs::copy(&vmlinuz, &kernel_out).map_err(io(kernel_out.display().to_string()))?;
 
-    // Stage 1 always comes from the real keel-init: the initramfs is shared by both slots.
-    let (itree, mods) = initramfs_tree(
+    // The release's initramfs (the boot stage's, and the slot's unless it is broken) always
+    // comes from the real keel-init; it knows its own version from /etc/os-release.
+    let (mut itree, mods) = initramfs_tree(
         init.clone(),
         &kroot,
         &versions.kernel_release,
         &module_roots,
     )?;
+    itree.bytes("etc/os-release", os_release(&inputs.version), 0o644)?;
     let initramfs = out.join(INITRAMFS_FILE);
     let initramfs_len = write_initramfs(&itree, &initramfs)?;
+
+    // The slot's own kernel and initramfs, which the boot stage kexecs.
+    let slot_kernel = work.path().join("slot-vmlinuz");
+    let slot_initramfs = work.path().join("slot-initramfs.img");
+    let write_work = |p: &Path, b: &[u8]| std::fs::write(p, b).map_err(io(p.display().to_string()));
+    match inputs.broken {
+        Some(Broken::KernelRefused) => write_work(&slot_kernel, &refused_kernel())?,
+        _ => {
+            std::fs::copy(&vmlinuz, &slot_kernel).map_err(io(slot_kernel.display().to_string()))?;
+        }
+    }
+    let slot_init = match inputs.broken {
+        Some(Broken::InitramfsHangs) => Some((Content::Bytes(stub::elf(&Stub::Hang)), &[][..])),
+        Some(Broken::InitramfsNoDisk) => Some((init.clone(), &DISK_DRIVER_MODULES[..])),
+        _ => None,
+    };
+    match slot_init {
+        None => {
+            std::fs::copy(&initramfs, &slot_initramfs)
+                .map_err(io(slot_initramfs.display().to_string()))?;
+        }
+        Some((content, leave_out)) => {
+            let (mut t, _) = initramfs_tree_without(
+                content,
+                &kroot,
+                &versions.kernel_release,
+                &module_roots,
+                leave_out,
+            )?;
+            t.bytes("etc/os-release", os_release(&inputs.version), 0o644)?;
+            write_initramfs(&t, &slot_initramfs)?;
+        }
+    }
+    let (kernel_sha256, kernel_len) = sha256_file(&slot_kernel)?;
+    let (initramfs_sha256, slot_initramfs_len) = sha256_file(&slot_initramfs)?;
+    let slot_boot = BootFiles {
+        kernel_release: versions.kernel_release.clone(),
+        kernel_sha256,
+        kernel_len,
+        initramfs_sha256,
+        initramfs_len: slot_initramfs_len,
+    };
 
     let (slot_init, slot_agent) = match inputs.broken {
         Some(Broken::AgentExits) => (init, Content::Bytes(stub::elf(&Stub::Exit(1)))),
         Some(Broken::InitPanics) => (Content::Bytes(stub::elf(&Stub::Exit(1))), agent),
         Some(Broken::InitHangs) => (Content::Bytes(stub::elf(&Stub::Hang)), agent),
-        Some(Broken::CorruptSquashfs) | None => (init, agent),
+        Some(
+            Broken::CorruptSquashfs
+            | Broken::KernelRefused
+            | Broken::InitramfsNoDisk
+            | Broken::InitramfsHangs,
+        )
+        | None => (init, agent),
     };
-    let rtree = root_tree(
+    let mut rtree = root_tree(
         slot_init,
         slot_agent,
         kubelet,
@@ -458,6 +619,13 @@ pub fn build(inputs: &ReleaseInputs, out: &Path) -> Result<Release, ImageError> 
         &inputs.cache,
         &versions,
     )?;
+    rtree.host_file(SLOT_KERNEL, &slot_kernel, 0o644)?;
+    rtree.host_file(SLOT_INITRAMFS, &slot_initramfs, 0o644)?;
+    let record = serde_json::to_string_pretty(&slot_boot).map_err(|e| ImageError::Io {
+        what: SLOT_BOOT_RECORD.into(),
+        source: std::io::Error::other(e),
+    })?;
+    rtree.bytes(SLOT_BOOT_RECORD, record + "\n", 0o644)?;
     let root = out.join(ROOT_FILE);
     squashfs(&rtree, &root, work.path())?;
     if inputs.broken == Some(Broken::CorruptSquashfs) {
@@ -476,6 +644,8 @@ pub fn build(inputs: &ReleaseInputs, out: &Path) -> Result<Release, ImageError> 
     let rel = Release {
         version: inputs.version.clone(),
         kernel_release: versions.kernel_release.clone(),
+        kernel_package: versions.kernel_package.clone(),
+        kernel_version: versions.kernel_version.clone(),
         kernel: kernel_out,
         initramfs,
         root,
@@ -486,6 +656,7 @@ pub fn build(inputs: &ReleaseInputs, out: &Path) -> Result<Release, ImageError> 
         compressed_len,
         delta,
         modules: mods,
+        slot_boot,
         broken: inputs.broken,
     };
     let mf = out.join(MANIFEST_FILE);

@@ -5,7 +5,7 @@ use clap::{Args, Subcommand};
 use keelos::disk::LayoutSpec;
 use keelos::image::debian::PackageCache;
 use keelos::image::release::{self, Broken, ReleaseInputs};
-use keelos::image::{diskimg, ImageError};
+use keelos::image::{diskimg, esp, uki, ImageError};
 use std::path::{Path, PathBuf};
 
 #[derive(Subcommand)]
@@ -13,8 +13,8 @@ pub enum BuildCmd {
     /// Build a release into OUT: vmlinuz, initramfs.img, root.img (uncompressed SquashFS),
     /// root.img.sha256 and release.json.
     Release(ReleaseArgs),
-    /// Create a bootable disk from a release: its root image in slot A (active, successful),
-    /// STATE with the node's PKI and configuration.
+    /// Create a bootable disk from a release: the boot stage (a UKI) on the ESP, its root image
+    /// in slot A (active, successful), STATE with the node's PKI and configuration.
     Disk(DiskArgs),
 }
 
@@ -43,6 +43,10 @@ pub struct ReleaseArgs {
     /// Tests only: build a deliberately broken release.
     #[arg(long, value_enum)]
     broken: Option<Broken>,
+    /// Build with this kernel package instead of the one image/versions.env pins
+    /// (e.g. linux-image-6.1.0-48-amd64=6.1.172-1); its kernel release is read from the package.
+    #[arg(long, value_name = "NAME=VERSION")]
+    kernel_package: Option<release::KernelPackage>,
     /// zstd level of root.img.zst.
     #[arg(long, default_value_t = 19)]
     zstd_level: i32,
@@ -64,8 +68,18 @@ pub struct DiskArgs {
     size: u64,
     #[arg(long, value_parser = crate::parse_size, default_value = "384M")]
     root_size: u64,
-    #[arg(long, value_parser = crate::parse_size, default_value = "16M")]
+    #[arg(long, value_parser = crate::parse_size, default_value = "64M")]
     esp_size: u64,
+    /// A release directory whose vmlinuz, initramfs.img and version make the boot stage (the
+    /// UKI on the ESP); default: the --release directory.
+    #[arg(long)]
+    boot_stage: Option<PathBuf>,
+    /// Extra kernel command-line words for the boot stage, after the base line.
+    #[arg(long, default_value = "", allow_hyphen_values = true)]
+    cmdline: String,
+    /// systemd's EFI stub the UKI is made from (Debian's systemd-boot-efi).
+    #[arg(long, default_value = uki::DEFAULT_STUB)]
+    stub: PathBuf,
     /// A directory made by `osctl gen pki` (its ca.crt, agent.crt, agent.key go to the node).
     #[arg(long)]
     pki: Option<PathBuf>,
@@ -106,14 +120,17 @@ pub fn run(cmd: BuildCmd) -> Result<(), String> {
                 },
                 kubelet: a.kubelet,
                 broken: a.broken,
+                kernel_package: a.kernel_package,
                 zstd_level: a.zstd_level,
                 delta_from: a.delta_from,
             };
             let r = release::build(&inputs, &a.out).map_err(err)?;
             println!(
-                "release {} (kernel {}){}",
+                "release {} (kernel {}, {} {}){}",
                 r.version,
                 r.kernel_release,
+                r.kernel_package,
+                r.kernel_version,
                 r.broken
                     .map(|b| format!(", deliberately broken: {b:?}"))
                     .unwrap_or_default()
@@ -155,6 +172,17 @@ pub fn run(cmd: BuildCmd) -> Result<(), String> {
                     )
                 })?;
             let version = manifest["version"].as_str().unwrap_or_default().to_string();
+            let work = tempfile::tempdir().map_err(|e| format!("a work directory: {e}"))?;
+            let stage_dir = a.boot_stage.unwrap_or_else(|| a.release.clone());
+            let stage =
+                esp::boot_stage(&stage_dir, &a.cmdline, &a.stub, work.path()).map_err(err)?;
+            let stage_line = format!(
+                "boot stage {} (kernel {}, UKI {} bytes), cmdline: {}",
+                stage.record.version,
+                stage.record.kernel_release,
+                stage.record.uki_len,
+                stage.record.cmdline
+            );
             let inputs = diskimg::DiskInputs {
                 root_image: root,
                 version,
@@ -166,6 +194,7 @@ pub fn run(cmd: BuildCmd) -> Result<(), String> {
                 },
                 pki: a.pki,
                 config: a.config,
+                boot_stage: Some(stage),
             };
             diskimg::build(&inputs, &a.out).map_err(err)?;
             println!(
@@ -173,6 +202,7 @@ pub fn run(cmd: BuildCmd) -> Result<(), String> {
                 a.out.display(),
                 Path::new(&a.release).display()
             );
+            println!("  {stage_line}");
             Ok(())
         }
     }

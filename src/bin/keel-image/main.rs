@@ -60,6 +60,77 @@ enum Cmd {
     /// BSDIFF40 deltas between uncompressed images.
     #[command(subcommand)]
     Delta(DeltaCmd),
+    /// The boot stage on a disk's ESP (not A/B; changed only by this explicit command).
+    #[command(subcommand)]
+    BootStage(BootStageCmd),
+}
+
+#[derive(Subcommand)]
+enum BootStageCmd {
+    /// Replace the boot stage (the UKI on the ESP) of an existing KeelOS disk, offline. The new
+    /// UKI is built and checked first; only the ESP is written; the new file is written under
+    /// a temporary name, read back, then renamed over EFI/BOOT/BOOTX64.EFI.
+    Install {
+        #[arg(long)]
+        disk: PathBuf,
+        /// A release directory whose vmlinuz, initramfs.img and version make the boot stage.
+        #[arg(long)]
+        boot_stage: PathBuf,
+        /// Extra kernel command-line words, after the base line.
+        #[arg(long, default_value = "", allow_hyphen_values = true)]
+        cmdline: String,
+        /// systemd's EFI stub the UKI is made from (Debian's systemd-boot-efi).
+        #[arg(long, default_value = keelos::image::uki::DEFAULT_STUB)]
+        stub: PathBuf,
+    },
+    /// Print the disk's /keel/boot-stage.json.
+    Show {
+        #[arg(long)]
+        disk: PathBuf,
+    },
+}
+
+fn boot_stage(cmd: BootStageCmd) -> Result<(), String> {
+    use keelos::image::esp;
+    match cmd {
+        BootStageCmd::Install {
+            disk,
+            boot_stage,
+            cmdline,
+            stub,
+        } => {
+            let work = tempfile::tempdir().map_err(|e| format!("a work directory: {e}"))?;
+            let stage = esp::boot_stage(&boot_stage, &cmdline, &stub, work.path())
+                .map_err(|e| e.to_string())?;
+            esp::install_on_disk(&disk, &stage).map_err(|e| e.to_string())?;
+            println!(
+                "{}: boot stage {} installed (kernel {}, UKI {} bytes, sha256 {})",
+                disk.display(),
+                stage.record.version,
+                stage.record.kernel_release,
+                stage.record.uki_len,
+                stage.record.uki_sha256
+            );
+            Ok(())
+        }
+        BootStageCmd::Show { disk } => {
+            let (rec, uki) = esp::show_on_disk(&disk).map_err(|e| e.to_string())?;
+            let sha = {
+                use sha2::Digest;
+                keelos::update::record::hex(&sha2::Sha256::digest(&uki))
+            };
+            let json = serde_json::to_string_pretty(&rec).map_err(|e| e.to_string())?;
+            println!("{json}");
+            if sha != rec.uki_sha256 || uki.len() as u64 != rec.uki_len {
+                return Err(format!(
+                    "the UKI on the ESP ({} bytes, sha256 {sha}) is not the one the record \
+                     describes; reinstall it with `keel-image boot-stage install`",
+                    uki.len()
+                ));
+            }
+            Ok(())
+        }
+    }
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -489,6 +560,7 @@ fn run(cli: Cli) -> Result<(), String> {
             Ok(())
         }
         Cmd::Build(b) => build::run(b),
+        Cmd::BootStage(c) => boot_stage(c),
         Cmd::Slots(SlotsCmd::Show { disk, json }) => show(&disk, json),
         Cmd::Slots(SlotsCmd::Activate { disk, slot, tries }) => {
             let f = change(&disk, |f| bootctl::activate(f, slot, None, tries))?;
