@@ -89,7 +89,10 @@ impl Vm {
             "-no-user-config",
         ])
         .arg("-drive")
-        .arg(format!("file={},if=none,id=d0,format=raw", spec.disk.display()))
+        .arg(format!(
+            "file={},if=none,id=d0,format=raw",
+            spec.disk.display()
+        ))
         .args(["-device", "virtio-blk-pci,drive=d0,bootindex=1"])
         .args(["-device", "i6300esb", "-action", "watchdog=reset"])
         .arg("-netdev")

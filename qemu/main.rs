@@ -556,6 +556,135 @@ fn assert_slot_holds(st: &serde_json::Value, slot: &str, release: &str) {
     assert_eq!(s["image"]["sha256"], r.sha256(release).as_str(), "{st}");
 }
 
+/// Issue 12, test 1, and the boot-time figures: the disk alone boots under OVMF (UEFI): the
+/// firmware starts the boot-stage UKI from the ESP, the boot stage chooses slot A and kexecs A's
+/// own kernel, and the agent answers; Status shows slot A, the kernel release and the boot
+/// stage's version. The same disk is first booted the way every node booted before the boot
+/// stage (QEMU loads the kernel and initramfs, which mount slot A themselves, no kexec), so
+/// both times come from one run.
+#[test]
+fn the_disk_alone_boots_under_uefi_through_the_boot_stage() {
+    let test = "uefi boot";
+    let mut n = Node::new("uefi-boot", "v1");
+    n.boot_direct("keel.slot=a keel.boot=good");
+    n.wait_agent(AGENT_LIMIT);
+    let direct = n.vm().started.elapsed();
+    timing(
+        test,
+        "direct kernel boot into slot a, no boot stage (the old path) to agent ready",
+        direct,
+    );
+    n.vm().kill();
+
+    n.boot();
+    let limit = BOOT_LIMIT;
+    let mut marks = Vec::new();
+    let mut at = 0;
+    for (pattern, what) in [
+        (
+            "Linux version",
+            "firmware (OVMF + UKI stub) to the boot stage's kernel",
+        ),
+        ("] boot stage ", "boot stage kernel to keel-init"),
+        (
+            "kexec_core: Starting new kernel",
+            "boot stage: choice, checks, kexec load",
+        ),
+        ("Linux version", "kexec to the slot's kernel"),
+        ("stage 2 running", "slot kernel + slot stage 1 to stage 2"),
+    ] {
+        at = n
+            .vm()
+            .wait_serial(pattern, at, limit)
+            .unwrap_or_else(|e| panic!("{e}"));
+        marks.push((what, n.vm().started.elapsed()));
+    }
+    let (st, _) = n.wait_agent(AGENT_LIMIT);
+    let uefi = n.vm().started.elapsed();
+    marks.push(("stage 2 to agent ready", uefi));
+    let mut prev = Duration::ZERO;
+    for (what, t) in &marks {
+        timing(test, &format!("split: {what}"), t.saturating_sub(prev));
+        prev = *t;
+    }
+    timing(
+        test,
+        "qemu start (OVMF) to agent ready, from the disk alone",
+        uefi,
+    );
+    eprintln!(
+        "timing: {test}: the boot stage costs {:+.1} s over the direct boot ({:.1} s vs {:.1} s)",
+        uefi.as_secs_f64() - direct.as_secs_f64(),
+        uefi.as_secs_f64(),
+        direct.as_secs_f64()
+    );
+    assert_eq!(st["booted_slot"], "a", "{st}");
+    assert_eq!(
+        st["kernel_release"],
+        versions().kernel_release.as_str(),
+        "{st}"
+    );
+    assert_eq!(st["boot_stage"], "1.0.0", "{st}");
+    let serial = n.vm().serial();
+    assert!(serial.contains("keel.slot=a keel.boot=good"), "{serial}");
+    assert!(
+        serial.contains("slot a handed over by the boot stage"),
+        "{serial}"
+    );
+    let show = keel_image()
+        .args(["boot-stage", "show", "--disk"])
+        .arg(&n.disk)
+        .output()
+        .unwrap();
+    assert!(
+        show.status.success(),
+        "{}",
+        String::from_utf8_lossy(&show.stderr)
+    );
+    eprintln!(
+        "sizes: v1 vmlinuz {} bytes, initramfs.img {} bytes; ESP boot stage: {}",
+        node::releases().size("v1", "vmlinuz"),
+        node::releases().size("v1", "initramfs.img"),
+        String::from_utf8_lossy(&show.stdout).trim()
+    );
+    n.vm().kill();
+}
+
+/// Issue 12, test 2: a kernel update. v2-kernel differs from v1 only by its kernel package
+/// (another stock Debian kernel, KERNEL2): installed into slot B and booted, the node runs the
+/// new kernel from the slot, and marks the slot successful.
+#[test]
+fn a_release_with_a_new_kernel_boots_that_kernel_from_its_slot() {
+    let test = "kernel update";
+    let mut n = Node::new("kernel-update", "v1");
+    let p = n.publish("v2-kernel", false);
+    let st = boot_to_agent(&mut n, test);
+    assert_eq!(
+        st["kernel_release"],
+        versions().kernel_release.as_str(),
+        "{st}"
+    );
+    n.wait_booted_successful("a", AGENT_LIMIT);
+    installed(&mut n, &p, false, test);
+    let st = reboot_into(&mut n, test, "b");
+    assert_eq!(st["os_version"], "KeelOS 2.0.0-kernel", "{st}");
+    assert_eq!(st["kernel_release"], node::KERNEL2.2, "{st}");
+    assert_eq!(
+        st["boot_stage"], "1.0.0",
+        "the boot stage did not change: {st}"
+    );
+    assert_slot_holds(&st, "b", "v2-kernel");
+    assert_eq!(Node::slot(&st, "b")["successful"], true, "{st}");
+    let serial = n.vm().serial();
+    assert!(
+        serial.contains(&format!(
+            "handing over to slot b's kernel {}",
+            node::KERNEL2.2
+        )),
+        "{serial}"
+    );
+}
+
 /// Test 2: a full update to v2 (the resumable zstd image from the update server), then
 /// `osctl reboot`: the node comes back on v2 in slot B and keel-init marks it successful after
 /// its health window; slot A keeps v1 as the fallback.
@@ -674,12 +803,17 @@ fn broken_agent_update_runs_out_of_tries_and_rolls_back() {
     );
 }
 
-/// Watchdog resets seen on a serial log: kernels that started without a reboot the guest asked
-/// for (the kernel prints "reboot: Restarting system" for those).
+/// Power-ons seen on a serial log: each starts the boot stage once (a kexec does not).
+fn power_ons(serial: &str) -> usize {
+    serial.matches("] boot stage ").count()
+}
+
+/// Watchdog resets seen on a serial log: power-ons that no reboot asked for (a reboot(2) prints
+/// "reboot: Restarting system", a panic with panic=N "Rebooting in N seconds").
 fn watchdog_resets(serial: &str) -> usize {
-    let boots = serial.matches("Linux version").count();
-    let asked = serial.matches("reboot: Restarting system").count();
-    boots.saturating_sub(1 + asked)
+    let asked = serial.matches("reboot: Restarting system").count()
+        + serial.matches("Rebooting in ").count();
+    power_ons(serial).saturating_sub(1 + asked)
 }
 
 /// Test 5a: the new slot's init hangs without petting the watchdog: the i6300esb resets the
@@ -690,26 +824,85 @@ fn hang_in_new_slot_is_reset_by_the_watchdog_and_rolls_back() {
     assert_eq!(watchdog_resets(&serial), 3, "{serial}");
 }
 
-/// Test 5b: the new slot's init exits, so the kernel panics; the watchdog resets the guest,
-/// once per try, and the node rolls back to v1.
+/// Test 5b: the new slot's init exits, so its kernel panics and, with panic=10 on the command
+/// line the boot stage passed, reboots by itself, once per try; the node rolls back to v1.
 #[test]
-fn kernel_panic_in_new_slot_is_reset_by_the_watchdog_and_rolls_back() {
-    let (_, serial) = broken_update_rolls_back("init-panics", "bad-panic", 3);
+fn kernel_panic_in_new_slot_reboots_and_rolls_back() {
+    let (st, serial) = broken_update_rolls_back("init-panics", "bad-panic", 3);
     assert_eq!(
         serial.matches("---[ end Kernel panic").count(),
         3,
         "one panic per try"
     );
+    assert_eq!(serial.matches("Rebooting in 10 seconds").count(), 3);
+    assert_eq!(watchdog_resets(&serial), 0, "{serial}");
+    let why = st["last_rollback"].as_str().unwrap_or_default();
+    assert!(why.starts_with("slot b"), "{st}");
+}
+
+/// Issue 12, test 4: a new slot whose own initramfs cannot find the disk (no disk driver): its
+/// stage 1 gives up and reboots, once per try; the tries run out and the node is back on v1,
+/// and Status says that no trial boot reached the slot's services.
+#[test]
+fn a_slot_initramfs_without_its_disk_driver_runs_out_of_tries_and_rolls_back() {
+    let (st, serial) = broken_update_rolls_back("initramfs-no-disk", "bad-initramfs", 3);
+    assert_eq!(
+        serial
+            .matches("no disk with the KeelOS labels appeared")
+            .count(),
+        3,
+        "{serial}"
+    );
+    let why = st["last_rollback"].as_str().unwrap_or_default();
+    assert!(
+        why.contains("slot b") && why.contains("none of its trial boots reached"),
+        "{st}"
+    );
+}
+
+/// Issue 12, test 4: a new slot whose initramfs hangs before anything can pet the watchdog: the
+/// watchdog the boot stage locked on (i6300esb.nowayout=1) runs across the kexec and resets
+/// the guest, once per try; the node is back on v1.
+#[test]
+fn a_slot_kernel_that_hangs_before_userspace_is_reset_by_the_watchdog_and_rolls_back() {
+    let (st, serial) = broken_update_rolls_back("early-hang", "bad-early-hang", 3);
     assert_eq!(watchdog_resets(&serial), 3, "{serial}");
+    assert!(
+        serial.contains("nowayout already set"),
+        "the lock survived the kexec"
+    );
+    let why = st["last_rollback"].as_str().unwrap_or_default();
+    assert!(why.starts_with("slot b"), "{st}");
+}
+
+/// Issue 12, test 3: a slot whose kernel kexec_file_load refuses: the boot stage marks it
+/// failed and boots slot A in the same power-on; Status reports the reason.
+#[test]
+fn a_slot_kernel_the_kernel_refuses_is_marked_failed_and_the_other_boots_at_once() {
+    let (st, serial) = broken_update_rolls_back("kernel-refused", "bad-kernel", 1);
+    assert_eq!(watchdog_resets(&serial), 0, "{serial}");
+    assert!(
+        serial.contains("slot b refused: the kernel refused to load its kernel"),
+        "{serial}"
+    );
+    let why = st["last_rollback"].as_str().unwrap_or_default();
+    assert!(
+        why.contains("slot b") && why.contains("kexec_file_load failed"),
+        "{st}"
+    );
+    eprintln!("kernel refused: last rollback: {why}");
 }
 
 /// A new slot whose SquashFS is corrupt (its digest is the published one, so the install
-/// verifies it): stage 1 cannot mount it, marks it failed at once (no tries left) and reboots,
-/// and the node is back on v1 after that one boot.
+/// verifies it): the boot stage cannot mount it, marks it failed at once (no tries left) and
+/// boots slot A in the same power-on.
 #[test]
 fn corrupt_squashfs_in_new_slot_is_marked_failed_and_rolls_back() {
-    let (_, serial) = broken_update_rolls_back("corrupt-squashfs", "bad-squashfs", 1);
+    let (st, serial) = broken_update_rolls_back("corrupt-squashfs", "bad-squashfs", 1);
     assert!(serial.contains("slot b marked failed"), "{serial}");
+    assert_eq!(watchdog_resets(&serial), 0, "{serial}");
+    let why = st["last_rollback"].as_str().unwrap_or_default();
+    assert!(why.contains("squashfs did not mount"), "{st}");
 }
 
 /// Test 6: the update server serves a corrupted delta: the install falls back to the full

@@ -4,7 +4,7 @@
 
 #![allow(dead_code)]
 
-use crate::harness::{self, Vm, VmSpec};
+use crate::harness::{self, Boot, Vm, VmSpec};
 use crate::server::{self, UpdateServer};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -52,7 +52,31 @@ const RELEASES: &[(&str, &str, Option<&str>, Option<&str>)] = &[
         Some("corrupt-squashfs"),
         None,
     ),
+    (
+        "bad-kernel",
+        "2.0.5-kernel-refused",
+        Some("kernel-refused"),
+        None,
+    ),
+    (
+        "bad-initramfs",
+        "2.0.6-initramfs-no-disk",
+        Some("initramfs-no-disk"),
+        None,
+    ),
+    (
+        "bad-early-hang",
+        "2.0.7-initramfs-hangs",
+        Some("initramfs-hangs"),
+        None,
+    ),
+    // v1 with another stock Debian kernel (KERNEL2): a release that differs only by its kernel
+    ("v2-kernel", "2.0.0-kernel", None, None),
 ];
+
+/// The second stock Debian kernel of the kernel-update test: package, version, `uname -r`.
+pub const KERNEL2: (&str, &str, &str) =
+    ("linux-image-6.1.0-48-amd64", "6.1.172-1", "6.1.0-48-amd64");
 
 fn build(dir: &Path, name: &str) {
     let out = dir.join(name);
@@ -80,6 +104,10 @@ fn build(dir: &Path, name: &str) {
     }
     if let Some(from) = delta_from {
         c.arg("--delta-from").arg(dir.join(from));
+    }
+    if name == "v2-kernel" {
+        c.arg("--kernel-package")
+            .arg(format!("{}={}", KERNEL2.0, KERNEL2.1));
     }
     run_ok(&mut c, &format!("keel-image build release {name}"));
     harness::timing(
@@ -129,6 +157,10 @@ pub fn releases() -> &'static Releases {
 pub const BOOT_DEADLINE_SECS: u64 = 60;
 /// Stage 1's watchdog timeout on the kernel command line (the hang and panic tests wait for it).
 pub const STAGE1_WATCHDOG_SECS: u64 = 20;
+/// The test disks' boot-stage command-line words (after keel-image's base line): the stage 1
+/// watchdog timeout ([`STAGE1_WATCHDOG_SECS`]) and a short wait for the disk. The slot kernels
+/// inherit them.
+pub const BOOT_CMDLINE: &str = "keel.watchdog=20 keel.disk_wait=10";
 
 impl Releases {
     /// A release's directory, built on first use (one build at a time).
@@ -162,8 +194,6 @@ pub struct Node {
     pub disk: PathBuf,
     pub vm: Option<Vm>,
     pub server: UpdateServer,
-    /// Extra kernel arguments (after the stage 1 watchdog timeout every node gets).
-    pub append: String,
 }
 
 /// What a node is told to install: the URLs its update server serves and the digest.
@@ -226,6 +256,11 @@ impl Node {
             Command::new(KEEL_IMAGE)
                 .args(["build", "disk", "--release"])
                 .arg(r.release(base))
+                // the boot stage: v1's kernel and initramfs, whatever the slot holds
+                .arg("--boot-stage")
+                .arg(r.release("v1"))
+                .arg("--cmdline")
+                .arg(BOOT_CMDLINE)
                 .arg("--pki")
                 .arg(&r.pki)
                 .arg("--config")
@@ -242,7 +277,6 @@ impl Node {
             disk,
             vm: None,
             server,
-            append: String::new(),
         }
     }
 
@@ -280,16 +314,28 @@ impl Node {
         }
     }
 
-    /// Boot (or, after a power cut, boot again) with v1's kernel and initramfs (direct kernel
-    /// boot: they are outside the disk and shared by both slots).
+    /// Boot (or, after a power cut, boot again) from the disk alone under UEFI: OVMF starts
+    /// the boot stage's UKI on the ESP, which kexecs the chosen slot's own kernel.
     pub fn boot(&mut self) {
-        let r = releases();
-        let v1 = r.release("v1");
-        self.vm = Some(Vm::start(VmSpec {
+        self.start(Boot::Uefi);
+    }
+
+    /// Boot the boot stage directly (QEMU loads v1's kernel and initramfs, with the disk's
+    /// boot-stage command line and `extra`): the quick way, and today's path when `extra` hands
+    /// over a slot itself.
+    pub fn boot_direct(&mut self, extra: &str) {
+        let v1 = releases().release("v1");
+        self.start(Boot::Direct {
             kernel: v1.join("vmlinuz"),
             initrd: v1.join("initramfs.img"),
+            append: format!("panic=10 i6300esb.nowayout=1 {BOOT_CMDLINE} {extra}"),
+        });
+    }
+
+    fn start(&mut self, boot: Boot) {
+        self.vm = Some(Vm::start(VmSpec {
+            boot,
             disk: self.disk.clone(),
-            append: format!("keel.watchdog={STAGE1_WATCHDOG_SECS} {}", self.append),
             http_port: Some(self.server.port),
             serial_log: self.dir.path().join("serial.log"),
         }));

@@ -35,10 +35,7 @@ const NEWROOT: &str = "/newroot";
 const SYS_BLOCK: &str = "/sys/class/block";
 /// Stage 2 is the slot's own binary.
 pub const STAGE2: &str = "/sbin/keel-init";
-/// The slot's kernel, initramfs and their record, inside the slot's root image.
-pub const SLOT_KERNEL: &str = "boot/vmlinuz";
-pub const SLOT_INITRAMFS: &str = "boot/initramfs.img";
-pub const SLOT_BOOT_FILES: &str = "boot/keel-boot.json";
+use crate::image::bootfiles::{BootFiles, SLOT_BOOT_RECORD, SLOT_INITRAMFS, SLOT_KERNEL};
 
 /// What went wrong in stage 1; the caller logs it and reboots.
 #[derive(Debug, thiserror::Error)]
@@ -94,17 +91,6 @@ impl Refusal {
     }
 }
 
-/// The slot's boot files, as its record describes them.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
-pub struct BootFilesRecord {
-    #[serde(default)]
-    pub kernel_release: String,
-    pub kernel_sha256: String,
-    pub kernel_len: u64,
-    pub initramfs_sha256: String,
-    pub initramfs_len: u64,
-}
-
 /// What a mounted slot offers the boot stage.
 #[derive(Debug)]
 pub enum SlotKernel {
@@ -114,7 +100,7 @@ pub enum SlotKernel {
     Ready {
         kernel: File,
         initramfs: File,
-        record: BootFilesRecord,
+        record: BootFiles,
     },
 }
 
@@ -142,7 +128,7 @@ pub fn check_slot_kernel(root: &Path) -> Result<SlotKernel, (Refusal, String)> {
     let (kpath, ipath, rpath) = (
         root.join(SLOT_KERNEL),
         root.join(SLOT_INITRAMFS),
-        root.join(SLOT_BOOT_FILES),
+        root.join(SLOT_BOOT_RECORD),
     );
     if !root.join("boot").exists() {
         return Ok(SlotKernel::Legacy);
@@ -156,13 +142,13 @@ pub fn check_slot_kernel(root: &Path) -> Result<SlotKernel, (Refusal, String)> {
             format!("/{SLOT_INITRAMFS} is missing"),
         ));
     }
-    let record: BootFilesRecord = std::fs::read(&rpath)
+    let record: BootFiles = std::fs::read(&rpath)
         .map_err(|e| e.to_string())
         .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
         .map_err(|e| {
             (
                 Refusal::KernelDigestMismatch,
-                format!("/{SLOT_BOOT_FILES} cannot be used: {e}"),
+                format!("/{SLOT_BOOT_RECORD} cannot be used: {e}"),
             )
         })?;
     for (path, want, want_len, what) in [
@@ -511,7 +497,7 @@ mod tests {
             })
             .to_string()
         });
-        std::fs::write(d.path().join(SLOT_BOOT_FILES), rec).unwrap();
+        std::fs::write(d.path().join(SLOT_BOOT_RECORD), rec).unwrap();
         d
     }
 
