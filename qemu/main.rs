@@ -1126,9 +1126,9 @@ fn power_cuts_during_install_and_first_boot_always_boot_a_verified_slot() {
         );
     }
 
-    // 4 and 5: during the first boot of slot b.
+    // 4, 5 and 6: during the first boot of slot b.
     let mut first_boot_cuts = 0;
-    while first_boot_cuts < 2 {
+    while first_boot_cuts < 3 {
         let expect = verified_choice(&n, &both, "before a first boot of slot b", seed);
         let t0 = if booted == "a" {
             n.reboot()
@@ -1136,20 +1136,26 @@ fn power_cuts_during_install_and_first_boot_always_boot_a_verified_slot() {
             n.boot();
             n.vm().started
         };
-        // One cut at a random instant of the first 6 s (kernel, stage 1: the boot choice
-        // may or may not have spent its try), one at a random instant in the 4 s after stage 1
-        // has logged its choice (mounting, stage 2, services, the health window).
+        // One cut at a random instant of the first 12 s (firmware, the boot stage's kernel, the
+        // boot choice, which may or may not have spent its try), one in the 4 s after the boot
+        // stage began the kexec hand-off (the hand-over, the slot kernel starting), one in the
+        // 4 s after the slot's own stage 1 took it over (mounting, stage 2, the health window).
         let already = usize::from(booted == "a");
-        if first_boot_cuts == 0 {
-            let delay = Duration::from_millis(pick(500, 6000));
-            std::thread::sleep(delay.saturating_sub(t0.elapsed()));
-        } else {
+        let wait_for = |n: &mut Node, marker: &str, after_ms: u64| {
             let w = std::time::Instant::now();
-            while n.vm().serial().matches("booting slot").count() <= already {
-                assert!(w.elapsed() < AGENT_LIMIT, "stage 1 never chose a slot");
+            while n.vm().serial().matches(marker).count() <= already {
+                assert!(w.elapsed() < AGENT_LIMIT, "{marker:?} never appeared");
                 std::thread::sleep(Duration::from_millis(20));
             }
-            std::thread::sleep(Duration::from_millis(pick(0, 4000)));
+            std::thread::sleep(Duration::from_millis(after_ms));
+        };
+        match first_boot_cuts {
+            0 => {
+                let delay = Duration::from_millis(pick(500, 12000));
+                std::thread::sleep(delay.saturating_sub(t0.elapsed()));
+            }
+            1 => wait_for(&mut n, "handing over to slot", pick(0, 4000)),
+            _ => wait_for(&mut n, "handed over by the boot stage", pick(0, 4000)),
         }
         cut(
             &mut n,
