@@ -199,13 +199,19 @@ fn cross_check(data: &[u8], rng: &mut Rng, what: &str) {
     std::fs::write(&ours, &bad).unwrap();
     let v = ours_verify(&ours, &f.root_hash, None);
     let err = String::from_utf8_lossy(&v.stderr);
-    assert!(!v.status.success(), "{what}: byte {at} flipped, verify passed");
+    assert!(
+        !v.status.success(),
+        "{what}: byte {at} flipped, verify passed"
+    );
     assert!(
         err.contains(&format!("data block {} ", at / 4096)),
         "{what}: byte {at} flipped, but: {err}"
     );
     let v = theirs_verify(&ours, f.hash_offset, &f.root_hash);
-    assert!(!v.status.success(), "{what}: byte {at} flipped, veritysetup verify passed");
+    assert!(
+        !v.status.success(),
+        "{what}: byte {at} flipped, veritysetup verify passed"
+    );
 
     // a flipped tree byte (when there is a tree)
     let tree_at = padded + 4096;
@@ -221,7 +227,10 @@ fn cross_check(data: &[u8], rng: &mut Rng, what: &str) {
             "{what}: tree byte {at} flipped, but: {v:?}"
         );
         let v = theirs_verify(&ours, f.hash_offset, &f.root_hash);
-        assert!(!v.status.success(), "{what}: tree byte {at} flipped, veritysetup verify passed");
+        assert!(
+            !v.status.success(),
+            "{what}: tree byte {at} flipped, veritysetup verify passed"
+        );
     }
 }
 
@@ -263,7 +272,15 @@ fn a_real_squashfs_image() {
     ok(Command::new(tool("mksquashfs", "squashfs-tools"))
         .arg(&root)
         .arg(&img)
-        .args(["-noappend", "-all-root", "-quiet", "-noI", "-noD", "-noF", "-noX"]));
+        .args([
+            "-noappend",
+            "-all-root",
+            "-quiet",
+            "-noI",
+            "-noD",
+            "-noF",
+            "-noX",
+        ]));
     let data = std::fs::read(&img).unwrap();
     assert_eq!(data.len() % 4096, 0, "mksquashfs pads to 4 KiB");
     cross_check(&data, &mut rng, "SquashFS image");
@@ -292,10 +309,16 @@ fn verify_explains_a_wrong_root_hash_or_offset() {
     let f = ours_format(&img, &hex(&rng.bytes(32)));
     let out = ours_verify(&img, &"00".repeat(32), None);
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && err.contains("root hash is not this image's"), "{err}");
+    assert!(
+        !out.status.success() && err.contains("root hash is not this image's"),
+        "{err}"
+    );
     let out = ours_verify(&img, &f.root_hash, Some(4096));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && err.contains("no dm-verity superblock"), "{err}");
+    assert!(
+        !out.status.success() && err.contains("no dm-verity superblock"),
+        "{err}"
+    );
     let out = ours_verify(&img, "xyz", None);
     assert!(!out.status.success());
 }

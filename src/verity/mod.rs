@@ -61,7 +61,9 @@ pub enum VerityError {
     #[error("the data is empty: a dm-verity tree covers at least one 4096-byte block")]
     EmptyData,
     /// More blocks than a 64-bit byte offset can address.
-    #[error("{data_blocks} data blocks of 4096 bytes do not fit a 64-bit size: the size is corrupt")]
+    #[error(
+        "{data_blocks} data blocks of 4096 bytes do not fit a 64-bit size: the size is corrupt"
+    )]
     TooManyBlocks { data_blocks: u64 },
     /// A salt longer than the superblock holds.
     #[error("the salt is {len} bytes; dm-verity takes at most 256 (use 32 random bytes)")]
@@ -216,7 +218,13 @@ fn parse_hex(s: &str, what: &'static str) -> Result<Vec<u8>, VerityError> {
             std::str::from_utf8(pair)
                 .ok()
                 .and_then(|p| u8::from_str_radix(p, 16).ok())
-                .ok_or_else(|| bad(format!("characters {} and {} are not hex digits", 2 * i, 2 * i + 1)))
+                .ok_or_else(|| {
+                    bad(format!(
+                        "characters {} and {} are not hex digits",
+                        2 * i,
+                        2 * i + 1
+                    ))
+                })
         })
         .collect()
 }

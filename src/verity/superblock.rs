@@ -157,7 +157,7 @@ mod tests {
         assert_eq!(
             with(0, b"hsqs"),
             Err(VerityError::BadSignature {
-                found: *b"hsqsity\0"
+                found: *b"hsqsty\0\0"
             })
         );
         assert_eq!(with(8, &[2]), Err(VerityError::UnsupportedVersion(2)));

@@ -1,8 +1,6 @@
 //! Building a tree from data fed in chunks, and checking data against one.
 
-use super::{
-    salted_digest, Layout, RootHash, Salt, VerityError, BLOCK_SIZE, DIGEST_SIZE,
-};
+use super::{salted_digest, Layout, RootHash, Salt, VerityError, BLOCK_SIZE, DIGEST_SIZE};
 
 /// Builds the tree of data fed in chunks of any size; see the module doc for its memory.
 ///
@@ -303,7 +301,12 @@ mod tests {
     }
 
     fn verify(data: &[u8], tree: &Tree, chunk: usize) -> Result<(), VerityError> {
-        let mut v = Verifier::new(tree.layout().clone(), salt(), tree.bytes(), tree.root_hash())?;
+        let mut v = Verifier::new(
+            tree.layout().clone(),
+            salt(),
+            tree.bytes(),
+            tree.root_hash(),
+        )?;
         for c in data.chunks(chunk) {
             v.push(c)?;
         }
@@ -366,7 +369,11 @@ mod tests {
             let d = data(blocks, blocks as u64);
             let t = build(&d);
             for chunk in [1000, 4096, 1 << 20] {
-                assert_eq!(verify(&d, &t, chunk), Ok(()), "{blocks} blocks, chunk {chunk}");
+                assert_eq!(
+                    verify(&d, &t, chunk),
+                    Ok(()),
+                    "{blocks} blocks, chunk {chunk}"
+                );
             }
         }
     }
@@ -410,7 +417,12 @@ mod tests {
             r.err(),
             Some(VerityError::TreeBlockMismatch { level: 1, block: 0 })
         );
-        let r = Verifier::new(t.layout().clone(), salt(), &t.bytes()[4096..], t.root_hash());
+        let r = Verifier::new(
+            t.layout().clone(),
+            salt(),
+            &t.bytes()[4096..],
+            t.root_hash(),
+        );
         assert!(matches!(r, Err(VerityError::TreeSize { .. })));
     }
 

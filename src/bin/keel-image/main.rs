@@ -725,7 +725,10 @@ fn verity_cmd(cmd: VerityCmd) -> Result<(), String> {
                 println!("{report}");
             } else if let serde_json::Value::Object(m) = report {
                 for (k, v) in m {
-                    println!("{k}: {}", v.as_str().map_or_else(|| v.to_string(), str::to_string));
+                    println!(
+                        "{k}: {}",
+                        v.as_str().map_or_else(|| v.to_string(), str::to_string)
+                    );
                 }
             }
             Ok(())
@@ -751,7 +754,8 @@ fn verity_cmd(cmd: VerityCmd) -> Result<(), String> {
                     })?
                     .data_size(),
             };
-            let mut sb = vec![0u8; verity::SUPERBLOCK_SIZE.min(len.saturating_sub(hash_offset) as usize)];
+            let mut sb =
+                vec![0u8; verity::SUPERBLOCK_SIZE.min(len.saturating_sub(hash_offset) as usize)];
             file.read_exact_at(&mut sb, hash_offset)
                 .map_err(|e| format!("cannot read {}: {e}", image.display()))?;
             let sb = Superblock::parse(&sb)
@@ -775,8 +779,8 @@ fn verity_cmd(cmd: VerityCmd) -> Result<(), String> {
             file.read_exact_at(&mut tree, tree_at)
                 .map_err(|e| format!("cannot read {}: {e}", image.display()))?;
             let data_blocks = layout.data_blocks();
-            let mut v = Verifier::new(layout.clone(), sb.salt, &tree, root)
-                .map_err(|e| e.to_string())?;
+            let mut v =
+                Verifier::new(layout.clone(), sb.salt, &tree, root).map_err(|e| e.to_string())?;
             let mut buf = vec![0u8; VERITY_CHUNK];
             let mut r = (&file).take(layout.data_size());
             loop {
