@@ -8,6 +8,7 @@
 //!
 //! The data is random; each test prints `KEEL_VERITY_SEED=…`, which replays it. veritysetup and
 //! mksquashfs are required (ci/install-deps installs them): without them the tests fail.
+#![allow(clippy::unwrap_used, clippy::panic)] // a test crate: failing loudly is its job
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

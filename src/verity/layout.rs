@@ -37,7 +37,7 @@ impl Layout {
 
     /// The layout of data of `len` bytes, which must be a non-zero multiple of 4096.
     pub fn for_data_size(len: u64) -> Result<Self, VerityError> {
-        if len % BLOCK != 0 {
+        if !len.is_multiple_of(BLOCK) {
             return Err(VerityError::UnalignedData { len });
         }
         Layout::new(len / BLOCK)
@@ -47,7 +47,7 @@ impl Layout {
     /// (`[data][superblock block][tree]`), found from the file's size alone; `None` when no data
     /// size gives exactly that file size.
     pub fn from_appended_size(file_size: u64) -> Option<Self> {
-        if file_size % BLOCK != 0 {
+        if !file_size.is_multiple_of(BLOCK) {
             return None;
         }
         let total = file_size / BLOCK;

@@ -208,7 +208,7 @@ fn write_hex(f: &mut std::fmt::Formatter<'_>, bytes: &[u8]) -> std::fmt::Result 
 
 fn parse_hex(s: &str, what: &'static str) -> Result<Vec<u8>, VerityError> {
     let bad = |why: String| VerityError::BadHex { what, why };
-    if s.len() % 2 != 0 {
+    if !s.len().is_multiple_of(2) {
         return Err(bad(format!("{} characters, an odd number", s.len())));
     }
     s.as_bytes()

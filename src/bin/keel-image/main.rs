@@ -754,8 +754,11 @@ fn verity_cmd(cmd: VerityCmd) -> Result<(), String> {
                     })?
                     .data_size(),
             };
-            let mut sb =
-                vec![0u8; verity::SUPERBLOCK_SIZE.min(len.saturating_sub(hash_offset) as usize)];
+            // short when the offset is near or past the end: parse then says so
+            let sb_len = len
+                .saturating_sub(hash_offset)
+                .min(verity::SUPERBLOCK_SIZE as u64);
+            let mut sb = vec![0u8; sb_len as usize];
             file.read_exact_at(&mut sb, hash_offset)
                 .map_err(|e| format!("cannot read {}: {e}", image.display()))?;
             let sb = Superblock::parse(&sb)
