@@ -270,21 +270,44 @@ pub enum SigningError {
 
 impl ReleaseSigner {
     /// A signer from the text of a minisign secret key file; `source` names it in errors.
+    ///
+    /// The key bytes are read here rather than by `SecretKeyBox::into_unencrypted_secret_key`:
+    /// the stock minisign 0.11 (Debian 12) writes `-W` keys with an all-zero checksum, which the
+    /// crate refuses as corrupted. A damaged key is still caught: `minisign::sign` checks the
+    /// signature against the key's own public half, and [`write_manifest`] verifies it with the
+    /// trusted keys before anything is written.
     pub fn parse(source: &str, text: &str) -> Result<ReleaseSigner, SigningError> {
-        let bad = |why: String| SigningError::SecretKey {
+        use base64::Engine as _;
+        let bad = |why: &str| SigningError::SecretKey {
             source_name: source.to_string(),
-            why,
+            why: why.to_string(),
         };
-        let secret = minisign::SecretKeyBox::from_string(text)
-            .and_then(|b| b.into_unencrypted_secret_key())
-            .map_err(|e| bad(e.to_string()))?;
+        let mut lines = text.lines();
+        if !lines
+            .next()
+            .is_some_and(|l| l.starts_with("untrusted comment: "))
+        {
+            return Err(bad("its first line is not \"untrusted comment: ...\""));
+        }
+        let bin = base64::engine::general_purpose::STANDARD
+            .decode(lines.next().unwrap_or_default().trim())
+            .map_err(|_| bad("its second line is not base64"))?;
+        // sig alg (2) kdf alg (2) checksum alg (2) kdf salt (32) opslimit (8) memlimit (8)
+        // key id (8) secret key (64) checksum (32)
+        if bin.len() != 158 || &bin[..2] != b"Ed" || &bin[4..6] != b"B2" {
+            return Err(bad("it is not an Ed25519 minisign secret key"));
+        }
+        if bin[2..4] != [0, 0] {
+            return Err(bad("it is encrypted with a password"));
+        }
+        let secret = minisign::SecretKey::from_bytes(&bin).map_err(|e| bad(&e.to_string()))?;
         let public =
-            minisign::PublicKey::from_secret_key(&secret).map_err(|e| bad(e.to_string()))?;
+            minisign::PublicKey::from_secret_key(&secret).map_err(|e| bad(&e.to_string()))?;
         let public = TrustedKey::parse(
             source,
             &format!("untrusted comment: public half\n{}\n", public.to_base64()),
         )
-        .map_err(|e| bad(e.to_string()))?;
+        .map_err(|e| bad(&e.to_string()))?;
         Ok(ReleaseSigner {
             secret,
             public,
