@@ -891,6 +891,85 @@ mod tests {
         );
     }
 
+    /// A fresh key pair (made by the minisign crate) and `example()` signed with it.
+    fn signed(sv: u64) -> (TrustedKeys, Vec<u8>, Vec<u8>, KeyId) {
+        let kp = minisign::KeyPair::generate_unencrypted_keypair().unwrap();
+        let text = format!("untrusted comment: k\n{}\n", kp.pk.to_base64());
+        let keys = TrustedKeys::parse([("k.pub", text.as_str())]).unwrap();
+        let mut m = example();
+        m.security_version = sv;
+        let bytes = m.to_bytes();
+        let sig = minisign::sign(Some(&kp.pk), &kp.sk, &bytes[..], Some("t"), None)
+            .unwrap()
+            .into_string();
+        let id = keys.iter().next().unwrap().id();
+        (keys, bytes, sig.into_bytes(), id)
+    }
+
+    #[test]
+    fn a_signed_manifest_verifies_and_a_changed_one_does_not() {
+        let (keys, bytes, sig, id) = signed(3);
+        let v = verify(
+            &bytes,
+            &sig,
+            &keys,
+            Policy {
+                running_security_version: 3,
+                allow_downgrade: false,
+            },
+        )
+        .unwrap();
+        assert_eq!(v.manifest(), &example());
+        assert_eq!(v.key_id(), Some(id));
+        assert_eq!(v.signature_form(), Some(SignatureForm::Prehashed));
+        let policy = Policy {
+            running_security_version: 0,
+            allow_downgrade: false,
+        };
+        let mut changed = bytes.clone();
+        changed[10] ^= 0x20;
+        assert_eq!(
+            verify(&changed, &sig, &keys, policy).unwrap_err(),
+            ManifestError::BadSignature { key_id: id }
+        );
+        // Another key: refused by its id, which is named.
+        let (other, ..) = signed(3);
+        let e = verify(&bytes, &sig, &other, policy).unwrap_err();
+        assert!(
+            matches!(e, ManifestError::UnknownKeyId { key_id, .. } if key_id == id),
+            "{e}"
+        );
+        assert!(e.to_string().contains(&id.to_string()), "{e}");
+    }
+
+    #[test]
+    fn a_lower_security_version_needs_allow_downgrade_and_is_flagged() {
+        let (keys, bytes, sig, _) = signed(2);
+        let strict = Policy {
+            running_security_version: 3,
+            allow_downgrade: false,
+        };
+        assert_eq!(
+            verify(&bytes, &sig, &keys, strict).unwrap_err(),
+            ManifestError::Downgrade {
+                running: 3,
+                manifest: 2
+            }
+        );
+        let allowed = Policy {
+            allow_downgrade: true,
+            ..strict
+        };
+        let v = verify(&bytes, &sig, &keys, allowed).unwrap();
+        assert_eq!(
+            v.downgrade(),
+            Some(Downgrade {
+                running: 3,
+                manifest: 2
+            })
+        );
+    }
+
     #[test]
     fn sizes_are_capped_before_anything_is_read() {
         let keys = TrustedKeys::parse([("k.pub", PUB)]).unwrap();
