@@ -802,41 +802,26 @@ mod tests {
     fn a_manifest_round_trips_and_its_fields_are_checked() {
         let m = example();
         assert_eq!(Manifest::parse(&m.to_bytes()).unwrap(), m);
-        let bad: Vec<(&str, Box<dyn Fn(&mut Manifest)>)> = vec![
-            (
-                "kernel_sha256",
-                Box::new(|m| m.kernel_sha256 = "abc".into()),
-            ),
-            ("image.sha256", Box::new(|m| m.image.sha256 = d('A'))),
-            ("image.size", Box::new(|m| m.image.size = 0)),
-            (
-                "compressed.name",
-                Box::new(|m| m.compressed.name = "../x".into()),
-            ),
-            (
-                "compressed.name",
-                Box::new(|m| m.compressed.name = "a/b".into()),
-            ),
-            (
-                "compressed.name",
-                Box::new(|m| m.compressed.name = String::new()),
-            ),
-            (
-                "delta.name",
-                Box::new(|m| m.delta.as_mut().unwrap().name = "..".into()),
-            ),
-            ("version", Box::new(|m| m.version = "1 2".into())),
-            (
-                "verity.hash_offset",
-                Box::new(|m| {
-                    m.verity = Some(Verity {
-                        root_hash: d('7'),
-                        salt: "00ff".into(),
-                        data_size: 8192,
-                        hash_offset: 4096,
-                    })
-                }),
-            ),
+        type Change = fn(&mut Manifest);
+        let bad: Vec<(&str, Change)> = vec![
+            ("kernel_sha256", |m| m.kernel_sha256 = "abc".into()),
+            ("image.sha256", |m| m.image.sha256 = d('A')),
+            ("image.size", |m| m.image.size = 0),
+            ("compressed.name", |m| m.compressed.name = "../x".into()),
+            ("compressed.name", |m| m.compressed.name = "a/b".into()),
+            ("compressed.name", |m| m.compressed.name = String::new()),
+            ("delta.name", |m| {
+                m.delta.as_mut().unwrap().name = "..".into()
+            }),
+            ("version", |m| m.version = "1 2".into()),
+            ("verity.hash_offset", |m| {
+                m.verity = Some(Verity {
+                    root_hash: d('7'),
+                    salt: "00ff".into(),
+                    data_size: 8192,
+                    hash_offset: 4096,
+                })
+            }),
         ];
         for (name, change) in bad {
             let mut m = example();
