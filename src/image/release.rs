@@ -230,7 +230,9 @@ impl std::fmt::Debug for ReleaseSigner {
 pub enum SigningError {
     /// The secret key file is not an unencrypted minisign secret key.
     #[error(
-        "{source_name} is not an unencrypted minisign secret key ({why}): make one with          `minisign -G -W -p KEY.pub -s KEY.key`, or remove the password of an existing one with          `minisign -C -W -s KEY.key`"
+        "{source_name} is not an unencrypted minisign secret key ({why}): make one with \
+         `minisign -G -W -p KEY.pub -s KEY.key`, or remove the password of an existing one with \
+         `minisign -C -W -s KEY.key`"
     )]
     SecretKey { source_name: String, why: String },
     /// A key file could not be read.
@@ -244,12 +246,14 @@ pub enum SigningError {
     Trust(#[from] ManifestError),
     /// --sign without --trust.
     #[error(
-        "the release is to be signed by key {key_id}, but its image would trust no key (and so          take unsigned updates): give that key's .pub file (and a second, spare key) with --trust"
+        "the release is to be signed by key {key_id}, but its image would trust no key (and so \
+         take unsigned updates): give that key's .pub file (and a second, spare key) with --trust"
     )]
     SignedButTrustsNothing { key_id: KeyId },
     /// The signing key is not among the trusted keys.
     #[error(
-        "the release is to be signed by key {key_id}, which its own image would not trust (it          trusts {trusted}): add the key's .pub file with --trust, or sign with a trusted key"
+        "the release is to be signed by key {key_id}, which its own image would not trust (it \
+         trusts {trusted}): add the key's .pub file with --trust, or sign with a trusted key"
     )]
     SignerNotTrusted { key_id: KeyId, trusted: String },
     /// minisign could not sign.
@@ -257,7 +261,8 @@ pub enum SigningError {
     Sign { key_id: KeyId, why: String },
     /// The signature just made does not verify (a bug, or a broken key file).
     #[error(
-        "the signature just made for release.json does not verify with the trusted keys          ({source}): check that the secret key file matches its public key"
+        "the signature just made for release.json does not verify with the trusted keys \
+         ({source}): check that the secret key file matches its public key"
     )]
     SelfCheck { source: ManifestError },
     /// Writing the manifest or the signature failed.

@@ -391,8 +391,8 @@ pub enum ManifestError {
     BadSignature { key_id: KeyId },
     /// The (signed) manifest is not JSON of the expected shape.
     #[error(
-        "the release manifest is not a valid manifest: {why}; it was signed by a trusted key, so \
-         report it to whoever made the release"
+        "the release manifest is not a valid manifest: {why}; report it to whoever made the \
+         release (a signed one was signed like that by a trusted key)"
     )]
     NotAManifest { why: String },
     /// The manifest's format is one this node cannot read.
