@@ -80,16 +80,19 @@ impl Keys {
     fn signer(&self) -> ReleaseSigner {
         ReleaseSigner::from_file(&self.secret_path()).unwrap()
     }
-    /// The key id as the stock tool prints it in the .pub file's comment.
+    /// The key id the stock tool prints in the .pub file's comment, in our form: minisign 0.11
+    /// prints it without leading zeros, we always give 16 digits (they name files).
     fn id_as_minisign_prints_it(&self) -> String {
-        self.public_text()
+        let printed = self
+            .public_text()
             .lines()
             .next()
             .unwrap()
             .rsplit(' ')
             .next()
             .unwrap()
-            .to_string()
+            .to_string();
+        format!("{:016X}", u64::from_str_radix(&printed, 16).unwrap())
     }
 }
 

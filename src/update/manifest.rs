@@ -119,8 +119,8 @@ pub struct Verity {
 }
 
 /// A minisign key id: the 8 bytes after the algorithm in keys and signatures. Displayed as
-/// `minisign` does (16 uppercase hex digits of the little-endian number), so it matches the
-/// comment of the `.pub` file the stock tool writes.
+/// `minisign` does (uppercase hex of the little-endian number), always with 16 digits, since it
+/// names files; minisign 0.11 leaves out leading zeros in the `.pub` file's comment.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct KeyId(pub [u8; 8]);
 
