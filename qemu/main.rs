@@ -203,7 +203,7 @@ fn release_pipeline_is_reproducible_and_audited() {
         assert!(line.contains("1970-01-01 00:00"), "{line}");
     }
     let rel: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(a.join("release.json")).unwrap()).unwrap();
+        serde_json::from_slice(&std::fs::read(a.join("build.json")).unwrap()).unwrap();
     assert_eq!(rel["version"], "1.0.0");
 
     // A different version changes os-release and the digest, and little else.

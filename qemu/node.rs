@@ -80,7 +80,7 @@ pub const KERNEL2: (&str, &str, &str) =
 
 fn build(dir: &Path, name: &str) {
     let out = dir.join(name);
-    if out.join("release.json").is_file() {
+    if out.join("build.json").is_file() {
         return;
     }
     let &(_, version, broken, delta_from) = RELEASES

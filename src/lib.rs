@@ -16,3 +16,4 @@ pub mod image;
 pub mod init;
 pub mod pki;
 pub mod update;
+pub mod verity;

@@ -70,7 +70,7 @@ fn build_release(out: &Path, version: &str, extra: &[&str]) -> serde_json::Value
     ];
     args.extend_from_slice(extra);
     ok(&args);
-    serde_json::from_slice(&std::fs::read(out.join(release::MANIFEST_FILE)).unwrap()).unwrap()
+    serde_json::from_slice(&std::fs::read(out.join(release::BUILD_RECORD_FILE)).unwrap()).unwrap()
 }
 
 /// The good release 1.0.0 with the pinned kernel, built once for every test here.

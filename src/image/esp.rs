@@ -256,7 +256,7 @@ pub fn boot_stage(
     stub: &Path,
     work: &Path,
 ) -> Result<BootStage, ImageError> {
-    let mf = release_dir.join(release::MANIFEST_FILE);
+    let mf = release_dir.join(release::BUILD_RECORD_FILE);
     let manifest: serde_json::Value = std::fs::read(&mf)
         .map_err(io(format!(
             "{} (is {} a release made by `keel-image build release`?)",

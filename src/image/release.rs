@@ -3,6 +3,13 @@
 //!
 //! Writes only inside the output directory it is given (and the package cache); an existing
 //! output directory's files of the same names are replaced, nothing else there is touched.
+//!
+//! Beside the artifacts go `build.json` (the build record: what was built from what, with the
+//! build host's paths; for tools and tests, never for nodes) and `release.json`, the release
+//! manifest nodes check ([`crate::update::manifest`]), signed into `release.json.minisig` when a
+//! signing key is given. The minisign public keys the release trusts go into its root image
+//! under `/etc/keel/trusted-keys/<KEY ID>.pub`, so the keys travel with the slot and an update
+//! can rotate them.
 
 use super::audit::{self, LIB_DIRS};
 use super::bootfiles::{BootFiles, SLOT_BOOT_RECORD, SLOT_INITRAMFS, SLOT_KERNEL};
@@ -11,6 +18,10 @@ use super::modules::{self, ModuleIndex, MANIFEST_PATH};
 use super::stub::{self, Stub};
 use super::tree::{Content, Node, Tree};
 use super::ImageError;
+use crate::update::manifest::{
+    self, Artifact, KeyId, Manifest, ManifestError, Policy, TrustedKey, TrustedKeys,
+    TRUSTED_KEYS_DIR,
+};
 use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -127,6 +138,13 @@ pub struct ReleaseInputs {
     pub zstd_level: i32,
     /// A previous release directory: write a delta (BSDF2) from its root image to this one.
     pub delta_from: Option<PathBuf>,
+    /// The manifest's security version.
+    pub security_version: u64,
+    /// The minisign public keys the root image trusts (none: a development image, which
+    /// takes unsigned releases).
+    pub trust: TrustedKeys,
+    /// Sign the manifest with this key (it must be one of `trust`: [`check_signing`]).
+    pub signer: Option<ReleaseSigner>,
 }
 
 /// The files of a built release, under its output directory.
@@ -147,6 +165,15 @@ pub struct Release {
     /// The resumable zstd form of the root image (what nodes download).
     pub compressed: PathBuf,
     pub compressed_len: u64,
+    /// SHA-256 of the compressed form, lowercase hex.
+    pub compressed_sha256: String,
+    /// The manifest's security version.
+    pub security_version: u64,
+    /// The ids of the minisign keys the root image trusts.
+    pub trusted_keys: Vec<String>,
+    /// The id of the key that signed release.json, when keel-image signed it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub signed_by: Option<String>,
     /// The delta from a previous release, when one was asked for.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub delta: Option<DeltaArtifact>,
@@ -165,13 +192,293 @@ pub struct DeltaArtifact {
     pub from_sha256: String,
     pub path: PathBuf,
     pub len: u64,
+    /// SHA-256 of the patch, lowercase hex.
+    pub sha256: String,
 }
 
 pub const KERNEL_FILE: &str = "vmlinuz";
 pub const COMPRESSED_FILE: &str = "root.img.zst";
 pub const INITRAMFS_FILE: &str = "initramfs.img";
 pub const ROOT_FILE: &str = "root.img";
-pub const MANIFEST_FILE: &str = "release.json";
+/// The build record ([`Release`] as JSON).
+pub const BUILD_RECORD_FILE: &str = "build.json";
+/// The release manifest ([`Manifest`]).
+pub const MANIFEST_FILE: &str = manifest::MANIFEST_FILE;
+/// Its minisign signature.
+pub const SIGNATURE_FILE: &str = manifest::SIGNATURE_FILE;
+
+/// A minisign secret key that signs release manifests: an unencrypted one, as `minisign -G -W`
+/// makes (keel-image runs unattended and asks for no password).
+#[derive(Clone)]
+pub struct ReleaseSigner {
+    secret: minisign::SecretKey,
+    public: TrustedKey,
+    source: String,
+}
+
+impl std::fmt::Debug for ReleaseSigner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReleaseSigner")
+            .field("key_id", &self.public.id())
+            .field("source", &self.source)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why a release could not be signed, or its keys are refused.
+#[derive(Debug, thiserror::Error)]
+pub enum SigningError {
+    /// The secret key file is not an unencrypted minisign secret key.
+    #[error(
+        "{source_name} is not an unencrypted minisign secret key ({why}): make one with \
+         `minisign -G -W -p KEY.pub -s KEY.key`, or remove the password of an existing one with \
+         `minisign -C -W -s KEY.key`"
+    )]
+    SecretKey { source_name: String, why: String },
+    /// A key file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    /// A trusted key is refused.
+    #[error(transparent)]
+    Trust(#[from] ManifestError),
+    /// --sign without --trust.
+    #[error(
+        "the release is to be signed by key {key_id}, but its image would trust no key (and so \
+         take unsigned updates): give that key's .pub file (and a second, spare key) with --trust"
+    )]
+    SignedButTrustsNothing { key_id: KeyId },
+    /// The signing key is not among the trusted keys.
+    #[error(
+        "the release is to be signed by key {key_id}, which its own image would not trust (it \
+         trusts {trusted}): add the key's .pub file with --trust, or sign with a trusted key"
+    )]
+    SignerNotTrusted { key_id: KeyId, trusted: String },
+    /// minisign could not sign.
+    #[error("minisign could not sign release.json with key {key_id}: {why}")]
+    Sign { key_id: KeyId, why: String },
+    /// The signature just made does not verify (a bug, or a broken key file).
+    #[error(
+        "the signature just made for release.json does not verify with the trusted keys \
+         ({source}): check that the secret key file matches its public key"
+    )]
+    SelfCheck { source: ManifestError },
+    /// Writing the manifest or the signature failed.
+    #[error("cannot write {path}: {source}")]
+    Write {
+        path: String,
+        source: std::io::Error,
+    },
+}
+
+impl ReleaseSigner {
+    /// A signer from the text of a minisign secret key file; `source` names it in errors.
+    ///
+    /// The key bytes are read here rather than by `SecretKeyBox::into_unencrypted_secret_key`:
+    /// the stock minisign 0.11 (Debian 12) writes `-W` keys with an all-zero checksum, which the
+    /// crate refuses as corrupted. A damaged key is still caught: `minisign::sign` checks the
+    /// signature against the key's own public half, and [`write_manifest`] verifies it with the
+    /// trusted keys before anything is written.
+    pub fn parse(source: &str, text: &str) -> Result<ReleaseSigner, SigningError> {
+        use base64::Engine as _;
+        let bad = |why: &str| SigningError::SecretKey {
+            source_name: source.to_string(),
+            why: why.to_string(),
+        };
+        let mut lines = text.lines();
+        if !lines
+            .next()
+            .is_some_and(|l| l.starts_with("untrusted comment: "))
+        {
+            return Err(bad("its first line is not \"untrusted comment: ...\""));
+        }
+        let bin = base64::engine::general_purpose::STANDARD
+            .decode(lines.next().unwrap_or_default().trim())
+            .map_err(|_| bad("its second line is not base64"))?;
+        // sig alg (2) kdf alg (2) checksum alg (2) kdf salt (32) opslimit (8) memlimit (8)
+        // key id (8) secret key (64) checksum (32)
+        if bin.len() != 158 || &bin[..2] != b"Ed" || &bin[4..6] != b"B2" {
+            return Err(bad("it is not an Ed25519 minisign secret key"));
+        }
+        if bin[2..4] != [0, 0] {
+            return Err(bad("it is encrypted with a password"));
+        }
+        let secret = minisign::SecretKey::from_bytes(&bin).map_err(|e| bad(&e.to_string()))?;
+        let public =
+            minisign::PublicKey::from_secret_key(&secret).map_err(|e| bad(&e.to_string()))?;
+        let public = TrustedKey::parse(
+            source,
+            &format!("untrusted comment: public half\n{}\n", public.to_base64()),
+        )
+        .map_err(|e| bad(&e.to_string()))?;
+        Ok(ReleaseSigner {
+            secret,
+            public,
+            source: source.to_string(),
+        })
+    }
+
+    pub fn from_file(path: &Path) -> Result<ReleaseSigner, SigningError> {
+        let text = std::fs::read_to_string(path).map_err(|e| SigningError::Read {
+            path: path.display().to_string(),
+            source: e,
+        })?;
+        ReleaseSigner::parse(&path.display().to_string(), &text)
+    }
+
+    /// The public half of the key.
+    pub fn public(&self) -> &TrustedKey {
+        &self.public
+    }
+
+    /// The text of a minisign signature file (prehashed, as `minisign -S` makes) of `data`.
+    pub fn sign(&self, data: &[u8], trusted_comment: &str) -> Result<String, SigningError> {
+        let key_id = self.public.id();
+        let pk =
+            minisign::PublicKey::from_secret_key(&self.secret).map_err(|e| SigningError::Sign {
+                key_id,
+                why: e.to_string(),
+            })?;
+        let sig = minisign::sign(
+            Some(&pk),
+            &self.secret,
+            std::io::Cursor::new(data),
+            Some(trusted_comment),
+            Some(&format!("signature from keel-image, key {key_id}")),
+        )
+        .map_err(|e| SigningError::Sign {
+            key_id,
+            why: e.to_string(),
+        })?;
+        Ok(sig.into_string())
+    }
+}
+
+/// Read minisign public key files (the --trust arguments).
+pub fn trusted_keys_from_files(paths: &[PathBuf]) -> Result<TrustedKeys, SigningError> {
+    let mut keys = TrustedKeys::default();
+    for p in paths {
+        let text = std::fs::read_to_string(p).map_err(|e| SigningError::Read {
+            path: p.display().to_string(),
+            source: e,
+        })?;
+        keys.insert(TrustedKey::parse(&p.display().to_string(), &text)?)?;
+    }
+    Ok(keys)
+}
+
+/// A signed release must be trusted by its own image: the signer's public key must be among
+/// `trust` (so `trust` is not empty). A release that its own image would not trust cannot be
+/// followed by another release signed the same way, and an image that trusts nothing takes
+/// unsigned updates; both are mistakes when signing. `trust` without a signer is fine: the
+/// usual way is to sign release.json offline afterwards with the stock `minisign -S`.
+pub fn check_signing(
+    trust: &TrustedKeys,
+    signer: Option<&ReleaseSigner>,
+) -> Result<(), SigningError> {
+    let Some(s) = signer else { return Ok(()) };
+    let key_id = s.public().id();
+    if trust.is_empty() {
+        return Err(SigningError::SignedButTrustsNothing { key_id });
+    }
+    if !trust.contains(s.public()) {
+        let ids: Vec<String> = trust.iter().map(|k| k.id().to_string()).collect();
+        return Err(SigningError::SignerNotTrusted {
+            key_id,
+            trusted: ids.join(", "),
+        });
+    }
+    Ok(())
+}
+
+/// The manifest of a built release. Pure: every digest is in `rel` already; the verity fields
+/// stay empty until releases carry a hash tree.
+pub fn manifest(rel: &Release) -> Manifest {
+    let name = |p: &Path| {
+        p.file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    };
+    Manifest {
+        format: manifest::FORMAT,
+        version: rel.version.clone(),
+        security_version: rel.security_version,
+        kernel_release: rel.slot_boot.kernel_release.clone(),
+        kernel_sha256: rel.slot_boot.kernel_sha256.clone(),
+        initramfs_sha256: rel.slot_boot.initramfs_sha256.clone(),
+        image: manifest::Image {
+            sha256: rel.root_sha256.clone(),
+            size: rel.root_len,
+        },
+        compressed: Artifact {
+            name: name(&rel.compressed),
+            sha256: rel.compressed_sha256.clone(),
+            size: rel.compressed_len,
+        },
+        delta: rel.delta.as_ref().map(|d| manifest::DeltaArtifact {
+            name: name(&d.path),
+            base_sha256: d.from_sha256.clone(),
+            sha256: d.sha256.clone(),
+            size: d.len,
+        }),
+        verity: None,
+    }
+}
+
+/// Write `m` to `out/release.json` and, with a signer, its signature to
+/// `out/release.json.minisig` (checked with [`manifest::verify`] against `trust` first); without
+/// one, a signature left there by an earlier build is removed. Returns the signing key's id.
+pub fn write_manifest(
+    out: &Path,
+    m: &Manifest,
+    trust: &TrustedKeys,
+    signer: Option<&ReleaseSigner>,
+) -> Result<Option<KeyId>, SigningError> {
+    check_signing(trust, signer)?;
+    let bytes = m.to_bytes();
+    // The manifest must be one that nodes accept (its own shapes), signed or not.
+    Manifest::parse(&bytes).map_err(|e| SigningError::SelfCheck { source: e })?;
+    let write = |p: PathBuf, b: &[u8]| {
+        std::fs::write(&p, b).map_err(|e| SigningError::Write {
+            path: p.display().to_string(),
+            source: e,
+        })
+    };
+    let sig_path = out.join(SIGNATURE_FILE);
+    let signed = match signer {
+        None => {
+            match std::fs::remove_file(&sig_path) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(SigningError::Write {
+                        path: sig_path.display().to_string(),
+                        source: e,
+                    })
+                }
+                _ => {}
+            }
+            None
+        }
+        Some(s) => {
+            let comment = format!(
+                "keelos release {} security_version {} file:{MANIFEST_FILE}",
+                m.version, m.security_version
+            );
+            let sig = s.sign(&bytes, &comment)?;
+            let policy = Policy {
+                running_security_version: 0,
+                allow_downgrade: false,
+            };
+            manifest::verify(&bytes, sig.as_bytes(), trust, policy)
+                .map_err(|e| SigningError::SelfCheck { source: e })?;
+            write(sig_path, sig.as_bytes())?;
+            Some(s.public().id())
+        }
+    };
+    write(out.join(MANIFEST_FILE), &bytes)?;
+    Ok(signed)
+}
 
 fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> ImageError {
     let what = what.into();
@@ -520,6 +827,8 @@ pub fn sha256_file(p: &Path) -> Result<(String, u64), ImageError> {
 
 /// Build a release into `out` (created if needed).
 pub fn build(inputs: &ReleaseInputs, out: &Path) -> Result<Release, ImageError> {
+    // Refused before minutes of building, not after.
+    check_signing(&inputs.trust, inputs.signer.as_ref()).map_err(signing)?;
     let mut versions = Versions::load(&inputs.image_dir.join("versions.env"))?;
     if let Some(k) = &inputs.kernel_package {
         let root = inputs.cache.extracted(&k.package, &k.version)?;
@@ -626,6 +935,13 @@ pub fn build(inputs: &ReleaseInputs, out: &Path) -> Result<Release, ImageError> 
         source: std::io::Error::other(e),
     })?;
     rtree.bytes(SLOT_BOOT_RECORD, record + "\n", 0o644)?;
+    for k in inputs.trust.iter() {
+        rtree.bytes(
+            &format!("{TRUSTED_KEYS_DIR}/{}", k.file_name()),
+            k.to_file_text(),
+            0o644,
+        )?;
+    }
     let root = out.join(ROOT_FILE);
     squashfs(&rtree, &root, work.path())?;
     if inputs.broken == Some(Broken::CorruptSquashfs) {
@@ -637,6 +953,7 @@ pub fn build(inputs: &ReleaseInputs, out: &Path) -> Result<Release, ImageError> 
         .map_err(io(sha_file.display().to_string()))?;
     let compressed = out.join(COMPRESSED_FILE);
     let compressed_len = compress(&root, &compressed, inputs.zstd_level)?;
+    let (compressed_sha256, _) = sha256_file(&compressed)?;
     let delta = match &inputs.delta_from {
         None => None,
         Some(prev) => Some(delta(prev, &root, out)?),
@@ -654,18 +971,30 @@ pub fn build(inputs: &ReleaseInputs, out: &Path) -> Result<Release, ImageError> 
         initramfs_len,
         compressed,
         compressed_len,
+        compressed_sha256,
+        security_version: inputs.security_version,
+        trusted_keys: inputs.trust.iter().map(|k| k.id().to_string()).collect(),
+        signed_by: inputs.signer.as_ref().map(|s| s.public().id().to_string()),
         delta,
         modules: mods,
         slot_boot,
         broken: inputs.broken,
     };
-    let mf = out.join(MANIFEST_FILE);
+    let mf = out.join(BUILD_RECORD_FILE);
     let json = serde_json::to_string_pretty(&rel).map_err(|e| ImageError::Io {
-        what: "release.json".into(),
+        what: BUILD_RECORD_FILE.into(),
         source: std::io::Error::other(e),
     })?;
     std::fs::write(&mf, json + "\n").map_err(io(mf.display().to_string()))?;
+    write_manifest(out, &manifest(&rel), &inputs.trust, inputs.signer.as_ref()).map_err(signing)?;
     Ok(rel)
+}
+
+fn signing(e: SigningError) -> ImageError {
+    ImageError::Io {
+        what: "the release manifest".into(),
+        source: std::io::Error::other(e),
+    }
 }
 
 /// Write the resumable zstd form of `image` (the update engine's independent frames and seek
@@ -691,7 +1020,7 @@ pub fn compress(image: &Path, out: &Path, level: i32) -> Result<u64, ImageError>
 /// Write the delta (BSDF2 with brotli streams, Android's bsdiff format) from the root image of
 /// the release in `prev` to `new`, into `out/delta-from-<version>.bsdiff`.
 pub fn delta(prev: &Path, new: &Path, out: &Path) -> Result<DeltaArtifact, ImageError> {
-    let mf = prev.join(MANIFEST_FILE);
+    let mf = prev.join(BUILD_RECORD_FILE);
     let from: serde_json::Value = std::fs::read(&mf)
         .map_err(io(mf.display().to_string()))
         .and_then(|b| {
@@ -718,11 +1047,13 @@ pub fn delta(prev: &Path, new: &Path, out: &Path) -> Result<DeltaArtifact, Image
         new.display(),
         path.display()
     )))?;
+    let sha256 = sha256_file(&path)?.0;
     Ok(DeltaArtifact {
         from_version,
         from_sha256: sha256_file(&old_path)?.0,
         path,
         len,
+        sha256,
     })
 }
 

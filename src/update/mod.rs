@@ -6,13 +6,15 @@
 //! [`driver`] runs it over a [`crate::block::BlockDevice`] with blocking inputs. The pieces it
 //! is made of are pure too: [`bspatch`] (patch application as a state machine), [`bsdf2`]
 //! (the patch streams, and the format we make), [`zframes`] (resumable zstd frames),
-//! [`record`] (what each slot holds) and [`checkpoint`].
+//! [`record`] (what each slot holds) and [`checkpoint`]; [`manifest`] decides whether a signed
+//! release may be installed.
 
 pub mod bsdf2;
 pub mod bspatch;
 pub mod checkpoint;
 pub mod driver;
 pub mod engine;
+pub mod manifest;
 pub mod record;
 pub mod zframes;
 

@@ -11,7 +11,8 @@ use std::path::{Path, PathBuf};
 #[derive(Subcommand)]
 pub enum BuildCmd {
     /// Build a release into OUT: vmlinuz, initramfs.img, root.img (uncompressed SquashFS),
-    /// root.img.sha256 and release.json.
+    /// root.img.sha256, root.img.zst, build.json (the build record), release.json (the
+    /// manifest nodes check) and, with --sign, release.json.minisig.
     Release(ReleaseArgs),
     /// Create a bootable disk from a release: the boot stage (a UKI) on the ESP, its root image
     /// in slot A (active, successful), STATE with the node's PKI and configuration.
@@ -53,6 +54,20 @@ pub struct ReleaseArgs {
     /// A previous release directory: also write the delta (BSDF2) from it.
     #[arg(long)]
     delta_from: Option<PathBuf>,
+    /// The manifest's security version: nodes refuse a release with a lower one than they run
+    /// (unless told --allow-downgrade). Raise it when a release fixes a vulnerability.
+    #[arg(long, default_value_t = 0)]
+    security_version: u64,
+    /// A minisign public key (.pub, from `minisign -G`) the image trusts to sign its updates;
+    /// repeat it (two or more in production, so a key can be rotated by an update). None: a
+    /// development image, which takes unsigned releases.
+    #[arg(long = "trust", value_name = "PUBKEY_FILE")]
+    trust: Vec<PathBuf>,
+    /// Sign release.json with this unencrypted minisign secret key (`minisign -G -W`); its
+    /// public key must be one of --trust. Without it, sign release.json afterwards with
+    /// `minisign -S -s KEY -m release.json`.
+    #[arg(long = "sign", value_name = "SECRET_KEY_FILE")]
+    sign: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -106,6 +121,20 @@ fn err(e: ImageError) -> String {
 pub fn run(cmd: BuildCmd) -> Result<(), String> {
     match cmd {
         BuildCmd::Release(a) => {
+            let trust = release::trusted_keys_from_files(&a.trust).map_err(|e| e.to_string())?;
+            let signer = a
+                .sign
+                .as_deref()
+                .map(release::ReleaseSigner::from_file)
+                .transpose()
+                .map_err(|e| e.to_string())?;
+            release::check_signing(&trust, signer.as_ref()).map_err(|e| e.to_string())?;
+            if trust.len() == 1 {
+                eprintln!(
+                    "note: the image trusts one key only; a second (spare) --trust key lets a \
+                     later release rotate keys"
+                );
+            }
             let inputs = ReleaseInputs {
                 image_dir: a.image_dir,
                 cache: PackageCache::new(a.cache.unwrap_or_else(default_cache)),
@@ -123,6 +152,9 @@ pub fn run(cmd: BuildCmd) -> Result<(), String> {
                 kernel_package: a.kernel_package,
                 zstd_level: a.zstd_level,
                 delta_from: a.delta_from,
+                security_version: a.security_version,
+                trust,
+                signer,
             };
             let r = release::build(&inputs, &a.out).map_err(err)?;
             println!(
@@ -156,12 +188,26 @@ pub fn run(cmd: BuildCmd) -> Result<(), String> {
                 );
             }
             println!("  sha256 {}", r.root_sha256);
+            println!(
+                "  {} security version {}, {}; image trusts {}",
+                release::MANIFEST_FILE,
+                r.security_version,
+                match &r.signed_by {
+                    Some(k) => format!("signed by {k} ({})", release::SIGNATURE_FILE),
+                    None => "unsigned".to_string(),
+                },
+                if r.trusted_keys.is_empty() {
+                    "no key (development image)".to_string()
+                } else {
+                    r.trusted_keys.join(", ")
+                }
+            );
             println!("  modules: {}", r.modules.join(" "));
             Ok(())
         }
         BuildCmd::Disk(a) => {
             let root = a.release.join(release::ROOT_FILE);
-            let mf = a.release.join(release::MANIFEST_FILE);
+            let mf = a.release.join(release::BUILD_RECORD_FILE);
             let manifest: serde_json::Value = std::fs::read(&mf)
                 .map_err(|e| e.to_string())
                 .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))

@@ -63,6 +63,9 @@ enum Cmd {
     /// The boot stage on a disk's ESP (not A/B; changed only by this explicit command).
     #[command(subcommand)]
     BootStage(BootStageCmd),
+    /// dm-verity hash trees appended to an image, in veritysetup's format.
+    #[command(subcommand)]
+    Verity(VerityCmd),
 }
 
 #[derive(Subcommand)]
@@ -561,6 +564,7 @@ fn run(cli: Cli) -> Result<(), String> {
         }
         Cmd::Build(b) => build::run(b),
         Cmd::BootStage(c) => boot_stage(c),
+        Cmd::Verity(c) => verity_cmd(c),
         Cmd::Slots(SlotsCmd::Show { disk, json }) => show(&disk, json),
         Cmd::Slots(SlotsCmd::Activate { disk, slot, tries }) => {
             let f = change(&disk, |f| bootctl::activate(f, slot, None, tries))?;
@@ -591,6 +595,208 @@ fn run(cli: Cli) -> Result<(), String> {
             let mut dev = open_disk(&disk, true)?;
             let (_, choice) = store::boot(&mut dev).map_err(|e| e.to_string())?;
             println!("{}", choice.slot);
+            Ok(())
+        }
+    }
+}
+
+#[derive(Subcommand)]
+enum VerityCmd {
+    /// Append a superblock and hash tree to IMAGE at the next 4096-byte boundary (zero padding
+    /// in between is part of the data), as `veritysetup format --hash-offset=OFF IMAGE IMAGE`
+    /// would; prints the root hash.
+    Format {
+        image: PathBuf,
+        /// Salt in hex, `-` for none (default: 32 random bytes).
+        #[arg(long)]
+        salt: Option<String>,
+        /// UUID stored in the superblock (default: a random one).
+        #[arg(long)]
+        uuid: Option<uuid::Uuid>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check every data block of IMAGE and every block of its appended tree against a root
+    /// hash; fails naming the first bad block.
+    Verify {
+        image: PathBuf,
+        #[arg(long)]
+        root_hash: String,
+        /// Byte offset of the superblock (default: found from the size of a file made by
+        /// `verity format`; give it for a slot partition, whose size is not the image's).
+        #[arg(long)]
+        hash_offset: Option<u64>,
+    },
+}
+
+/// Reads of the data go in chunks of this size: memory stays bounded by the tree.
+const VERITY_CHUNK: usize = 1 << 20;
+
+fn verity_cmd(cmd: VerityCmd) -> Result<(), String> {
+    use keelos::verity::{self, Layout, RootHash, Salt, Superblock, TreeBuilder, Verifier};
+    use std::io::Read;
+    use std::os::unix::fs::FileExt;
+
+    match cmd {
+        VerityCmd::Format {
+            image,
+            salt,
+            uuid,
+            json,
+        } => {
+            let salt = match salt {
+                Some(hex) => Salt::from_hex(&hex).map_err(|e| e.to_string())?,
+                None => {
+                    let mut b = [0u8; 32];
+                    std::fs::File::open("/dev/urandom")
+                        .and_then(|mut f| f.read_exact(&mut b))
+                        .map_err(|e| format!("cannot read a random salt: {e}"))?;
+                    Salt::new(&b).map_err(|e| e.to_string())?
+                }
+            };
+            let uuid = uuid.unwrap_or_else(uuid::Uuid::new_v4);
+            let file = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&image)
+                .map_err(|e| format!("cannot open {}: {e}", image.display()))?;
+            let len = file.metadata().map_err(|e| e.to_string())?.len();
+            if let Some(l) = Layout::from_appended_size(len) {
+                let mut sb = [0u8; verity::SUPERBLOCK_SIZE];
+                if file.read_exact_at(&mut sb, l.data_size()).is_ok()
+                    && Superblock::parse(&sb).is_ok_and(|s| s.data_blocks == l.data_blocks())
+                {
+                    return Err(format!(
+                        "{} already ends with a dm-verity superblock and tree (hash offset {}); \
+                         formatting again would hash them as data",
+                        image.display(),
+                        l.data_size()
+                    ));
+                }
+            }
+            let hash_offset = verity::padded_data_size(len);
+            let mut builder = TreeBuilder::new(salt.clone());
+            let mut buf = vec![0u8; VERITY_CHUNK];
+            let mut r = (&file).take(len);
+            let mut read = 0u64;
+            loop {
+                let n = r
+                    .read(&mut buf)
+                    .map_err(|e| format!("cannot read {}: {e}", image.display()))?;
+                if n == 0 {
+                    break;
+                }
+                builder.push(&buf[..n]);
+                read += n as u64;
+            }
+            if read != len {
+                return Err(format!(
+                    "{} changed size while it was read ({read} of {len} bytes)",
+                    image.display()
+                ));
+            }
+            let pad = vec![0u8; (hash_offset - len) as usize];
+            builder.push(&pad);
+            let tree = builder.finish().map_err(|e| e.to_string())?;
+            let sb = Superblock {
+                uuid,
+                data_blocks: tree.layout().data_blocks(),
+                salt: salt.clone(),
+            };
+            let mut tail = pad;
+            tail.extend_from_slice(&sb.to_bytes());
+            tail.resize(tail.len() + verity::BLOCK_SIZE - verity::SUPERBLOCK_SIZE, 0);
+            tail.extend_from_slice(tree.bytes());
+            file.write_all_at(&tail, len)
+                .and_then(|()| file.sync_all())
+                .map_err(|e| format!("cannot write the hash tree to {}: {e}", image.display()))?;
+            let l = tree.layout();
+            let report = serde_json::json!({
+                "root_hash": tree.root_hash().to_string(),
+                "salt": salt.to_string(),
+                "uuid": uuid.to_string(),
+                "data_size": l.data_size(),
+                "hash_offset": hash_offset,
+                "data_blocks": l.data_blocks(),
+                "hash_blocks": l.tree_blocks(),
+                "image_size": l.appended_size(),
+            });
+            if json {
+                println!("{report}");
+            } else if let serde_json::Value::Object(m) = report {
+                for (k, v) in m {
+                    println!(
+                        "{k}: {}",
+                        v.as_str().map_or_else(|| v.to_string(), str::to_string)
+                    );
+                }
+            }
+            Ok(())
+        }
+        VerityCmd::Verify {
+            image,
+            root_hash,
+            hash_offset,
+        } => {
+            let root = RootHash::from_hex(&root_hash).map_err(|e| e.to_string())?;
+            let file = std::fs::File::open(&image)
+                .map_err(|e| format!("cannot open {}: {e}", image.display()))?;
+            let len = file.metadata().map_err(|e| e.to_string())?.len();
+            let hash_offset = match hash_offset {
+                Some(o) => o,
+                None => Layout::from_appended_size(len)
+                    .ok_or_else(|| {
+                        format!(
+                            "{} ({len} bytes) is not padded data + superblock + tree of any data \
+                             size: pass --hash-offset",
+                            image.display()
+                        )
+                    })?
+                    .data_size(),
+            };
+            // short when the offset is near or past the end: parse then says so
+            let sb_len = len
+                .saturating_sub(hash_offset)
+                .min(verity::SUPERBLOCK_SIZE as u64);
+            let mut sb = vec![0u8; sb_len as usize];
+            file.read_exact_at(&mut sb, hash_offset)
+                .map_err(|e| format!("cannot read {}: {e}", image.display()))?;
+            let sb = Superblock::parse(&sb)
+                .map_err(|e| format!("{} at byte {hash_offset}: {e}", image.display()))?;
+            let layout = sb.layout().map_err(|e| e.to_string())?;
+            if layout.data_size() > hash_offset {
+                return Err(format!(
+                    "the superblock at byte {hash_offset} describes {} bytes of data, which overlap it",
+                    layout.data_size()
+                ));
+            }
+            let tree_at = verity::tree_offset(hash_offset);
+            if tree_at + layout.tree_size() > len {
+                return Err(format!(
+                    "{} is {len} bytes; its hash tree needs bytes {tree_at} to {}: it is truncated",
+                    image.display(),
+                    tree_at + layout.tree_size()
+                ));
+            }
+            let mut tree = vec![0u8; layout.tree_size() as usize];
+            file.read_exact_at(&mut tree, tree_at)
+                .map_err(|e| format!("cannot read {}: {e}", image.display()))?;
+            let data_blocks = layout.data_blocks();
+            let mut v =
+                Verifier::new(layout.clone(), sb.salt, &tree, root).map_err(|e| e.to_string())?;
+            let mut buf = vec![0u8; VERITY_CHUNK];
+            let mut r = (&file).take(layout.data_size());
+            loop {
+                let n = r
+                    .read(&mut buf)
+                    .map_err(|e| format!("cannot read {}: {e}", image.display()))?;
+                if n == 0 {
+                    break;
+                }
+                v.push(&buf[..n]).map_err(|e| e.to_string())?;
+            }
+            v.finish().map_err(|e| e.to_string())?;
+            println!("ok: {data_blocks} data blocks and the hash tree match root hash {root}");
             Ok(())
         }
     }
