@@ -632,6 +632,30 @@ enum VerityCmd {
 /// Reads of the data go in chunks of this size: memory stays bounded by the tree.
 const VERITY_CHUNK: usize = 1 << 20;
 
+/// Feeds the first `len` bytes of `file` to `each` in chunks of [`VERITY_CHUNK`]; returns how
+/// many bytes there were (fewer than `len` when the file is shorter).
+fn read_chunks(
+    file: &std::fs::File,
+    len: u64,
+    name: &std::path::Path,
+    mut each: impl FnMut(&[u8]) -> Result<(), String>,
+) -> Result<u64, String> {
+    use std::io::Read;
+    let mut buf = vec![0u8; VERITY_CHUNK];
+    let mut r = file.take(len);
+    let mut read = 0u64;
+    loop {
+        let n = r
+            .read(&mut buf)
+            .map_err(|e| format!("cannot read {}: {e}", name.display()))?;
+        if n == 0 {
+            return Ok(read);
+        }
+        each(&buf[..n])?;
+        read += n as u64;
+    }
+}
+
 fn verity_cmd(cmd: VerityCmd) -> Result<(), String> {
     use keelos::verity::{self, Layout, RootHash, Salt, Superblock, TreeBuilder, Verifier};
     use std::io::Read;
@@ -676,19 +700,10 @@ fn verity_cmd(cmd: VerityCmd) -> Result<(), String> {
             }
             let hash_offset = verity::padded_data_size(len);
             let mut builder = TreeBuilder::new(salt.clone());
-            let mut buf = vec![0u8; VERITY_CHUNK];
-            let mut r = (&file).take(len);
-            let mut read = 0u64;
-            loop {
-                let n = r
-                    .read(&mut buf)
-                    .map_err(|e| format!("cannot read {}: {e}", image.display()))?;
-                if n == 0 {
-                    break;
-                }
-                builder.push(&buf[..n]);
-                read += n as u64;
-            }
+            let read = read_chunks(&file, len, &image, |c| {
+                builder.push(c);
+                Ok(())
+            })?;
             if read != len {
                 return Err(format!(
                     "{} changed size while it was read ({read} of {len} bytes)",
@@ -784,17 +799,9 @@ fn verity_cmd(cmd: VerityCmd) -> Result<(), String> {
             let data_blocks = layout.data_blocks();
             let mut v =
                 Verifier::new(layout.clone(), sb.salt, &tree, root).map_err(|e| e.to_string())?;
-            let mut buf = vec![0u8; VERITY_CHUNK];
-            let mut r = (&file).take(layout.data_size());
-            loop {
-                let n = r
-                    .read(&mut buf)
-                    .map_err(|e| format!("cannot read {}: {e}", image.display()))?;
-                if n == 0 {
-                    break;
-                }
-                v.push(&buf[..n]).map_err(|e| e.to_string())?;
-            }
+            read_chunks(&file, layout.data_size(), &image, |c| {
+                v.push(c).map_err(|e| e.to_string())
+            })?;
             v.finish().map_err(|e| e.to_string())?;
             println!("ok: {data_blocks} data blocks and the hash tree match root hash {root}");
             Ok(())
