@@ -1022,4 +1022,28 @@ mod tests {
         d.delta_url = "not a url".into();
         assert!(validate_install(&d)[0].contains("delta_url"));
     }
+
+    #[test]
+    fn a_release_request_names_nothing_else_and_every_conflict_is_listed() {
+        let rel = |url: &str| proto::InstallRequest {
+            release_url: url.into(),
+            ..Default::default()
+        };
+        assert!(validate_install(&rel("http://h/r/release.json")).is_empty());
+        let mut both = rel("http://h/r/release.json");
+        both.full_image_url = "http://h/i".into();
+        both.sha256 = "ab".repeat(32);
+        let e = validate_install(&both);
+        assert_eq!(e.len(), 2, "{e:?}");
+        assert!(e[0].contains("release_url and full_image_url"), "{e:?}");
+        assert!(e[1].contains("release_url and sha256"), "{e:?}");
+        let e = validate_install(&rel("http://h/r/"));
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert!(e[0].contains("not its directory"), "{e:?}");
+        let mut plain = req("http://h/x", &"ab".repeat(32));
+        plain.allow_downgrade = true;
+        let e = validate_install(&plain);
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert!(e[0].contains("allow_downgrade"), "{e:?}");
+    }
 }

@@ -539,6 +539,81 @@ mod tests {
         );
     }
 
+    fn a_manifest(security_version: u64, delta_base: char, name: &str) -> Vec<u8> {
+        let h = |c: char| std::iter::repeat_n(c, 64).collect::<String>();
+        manifest::Manifest {
+            format: manifest::FORMAT,
+            version: "2.0".into(),
+            security_version,
+            kernel_release: "6.1.0".into(),
+            kernel_sha256: h('e'),
+            initramfs_sha256: h('f'),
+            image: manifest::Image {
+                sha256: h('a'),
+                size: 10,
+            },
+            compressed: manifest::Artifact {
+                name: name.into(),
+                sha256: h('b'),
+                size: 5,
+            },
+            delta: Some(manifest::DeltaArtifact {
+                name: "d.bsdiff".into(),
+                base_sha256: h(delta_base),
+                sha256: h('d'),
+                size: 3,
+            }),
+            verity: None,
+        }
+        .to_bytes()
+    }
+
+    #[test]
+    fn a_release_is_planned_beside_its_manifest_with_the_delta_only_for_its_base() {
+        let dev = ImageTrust::development();
+        let v = dev
+            .check_release(&a_manifest(1, 'c', "root.img.zst"), None, false)
+            .unwrap();
+        let url = "http://h:1/r/2.0/release.json";
+        let running = "c".repeat(64);
+        let p = plan(&v, url, Some(&running)).unwrap();
+        assert_eq!(p.full_url, "http://h:1/r/2.0/root.img.zst");
+        assert_eq!(p.delta_url.as_deref(), Some("http://h:1/r/2.0/d.bsdiff"));
+        assert_eq!(p.sha256, "a".repeat(64));
+        assert_eq!(p.version, "2.0");
+        assert!(p.trust.contains("unsigned"), "{}", p.trust);
+        // another running image, or none known: no delta
+        assert_eq!(
+            plan(&v, url, Some(&"9".repeat(64))).unwrap().delta_url,
+            None
+        );
+        assert_eq!(plan(&v, url, None).unwrap().delta_url, None);
+        // a name that would change the URL's meaning is refused
+        let v = dev
+            .check_release(&a_manifest(1, 'c', "root.img?x=1"), None, false)
+            .unwrap();
+        assert!(matches!(
+            plan(&v, url, None),
+            Err(ReleaseError::UnsafeArtifactName { .. })
+        ));
+    }
+
+    #[test]
+    fn a_downgrade_is_refused_or_planned_with_both_versions_named() {
+        let t = ImageTrust::judge(files(vec![], Some("4")));
+        let m = a_manifest(3, 'c', "root.img.zst");
+        let e = t.check_release(&m, None, false).unwrap_err();
+        assert!(e.to_string().contains("lower than the running 4"), "{e}");
+        let v = t.check_release(&m, None, true).unwrap();
+        let p = plan(&v, "http://h/release.json", None).unwrap();
+        assert!(
+            p.trust
+                .contains("security version 3 replaces the running 4"),
+            "{}",
+            p.trust
+        );
+    }
+
     #[test]
     fn the_key_directory_is_read_bounded() {
         let d = tempfile::tempdir().unwrap();
