@@ -224,22 +224,6 @@ async fn node_trusting(v1: &[u8], root: Option<PathBuf>) -> Node {
     node
 }
 
-fn osctl(node: &Node, args: &[&str]) -> (i32, String, String) {
-    let (c, k) = node.role_paths(Role::Admin);
-    let cfg = node.osctl_config(&c, &k);
-    let out = Command::new(env!("CARGO_BIN_EXE_osctl"))
-        .arg("--config")
-        .arg(cfg)
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_signed_release_installs_through_osctl_with_its_delta_and_status_shows_signed_mode() {
     let keys = Keys::new();
@@ -272,8 +256,8 @@ async fn a_signed_release_installs_through_osctl_with_its_delta_and_status_shows
         &v2,
         Some(("from-1.0.bsdiff", &patch)),
     );
-    let n = node_osctl(&node, &["--output", "json", "install", "--release", &url]).await;
-    let (code, out, err) = n;
+    let (code, out, err) =
+        node_osctl(&node, &["--output", "json", "install", "--release", &url]).await;
     assert_eq!(code, 0, "{out}\n{err}");
     let last: serde_json::Value =
         serde_json::from_str(&out[out.rfind("\n{").map_or(0, |i| i + 1)..])
@@ -375,7 +359,9 @@ async fn a_keyed_node_refuses_every_bad_manifest_and_writes_nothing() {
     let mut big = good.clone();
     big.resize(manifest::MAX_MANIFEST_BYTES + 1, b' ');
 
-    let cases: Vec<(&str, Vec<u8>, Option<Vec<u8>>, &str)> = vec![
+    // (what, manifest, signature, what the refusal says)
+    type Case<'a> = (&'a str, Vec<u8>, Option<Vec<u8>>, &'a str);
+    let cases: Vec<Case> = vec![
         ("unsigned", unsigned, None, "not signed"),
         (
             "wrong key",
@@ -601,5 +587,4 @@ fn osctl_refuses_to_mix_release_and_image_forms() {
             .unwrap();
         assert_eq!(out.status.code(), Some(2), "{args:?}: usage error expected");
     }
-    let _ = osctl;
 }
