@@ -410,6 +410,20 @@ async fn a_keyed_node_refuses_every_bad_manifest_and_writes_nothing() {
         );
         assert!(node.disk_bytes() == before, "{what}: the disk changed");
     }
+    // A manifest that is not there.
+    let e = install(&node, release_req(&srv.url("/missing/release.json"), false))
+        .await
+        .map(|(_, r)| r)
+        .unwrap_err();
+    assert!(
+        e.message().contains("cannot download the release manifest"),
+        "{}",
+        e.message()
+    );
+    assert!(
+        node.disk_bytes() == before,
+        "missing manifest: the disk changed"
+    );
     // A plain --image/--sha256 request: refused with a pointer to --release.
     srv.put("/v2.img", v2.clone());
     let (code, out, err) = node_osctl(
