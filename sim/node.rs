@@ -316,6 +316,7 @@ impl Node {
                 booted: running,
                 boot_record: None,
                 fetch_ca: Some(crate::pki().ca.clone()),
+                image_root: None,
             },
             SimDisk {
                 dev: self.dev.clone(),

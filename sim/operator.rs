@@ -33,6 +33,7 @@ pub fn request(spec: &Spec) -> proto::InstallRequest {
         is_delta: spec.delta_url.is_some(),
         sha256: spec.sha256.clone(),
         version: spec.version.clone(),
+        ..Default::default()
     }
 }
 

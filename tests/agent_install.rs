@@ -140,6 +140,7 @@ async fn delta_install_saves_bytes_and_a_corrupt_delta_falls_back() {
         is_delta: true,
         sha256: sha(&v2),
         version: "2.0".into(),
+        ..Default::default()
     };
     let result = |evs: Vec<proto::InstallEvent>| {
         evs.into_iter()

@@ -29,6 +29,9 @@ pub struct InstallView {
     pub sha256: String,
     pub progress: proto::Progress,
     pub result: Option<proto::InstallResult>,
+    /// Who vouched for the image (see [`super::trust::ReleasePlan::trust`]); copied into the
+    /// result.
+    pub trust: String,
 }
 
 /// One install as the agent received it (already validated).
@@ -138,6 +141,7 @@ fn result_of(r: &Report) -> proto::InstallResult {
         staged_slot: r.slot.letter().into(),
         sha256: r.sha256.clone(),
         version: r.version.clone(),
+        trust: String::new(),
     }
 }
 
@@ -379,7 +383,10 @@ fn finish(ticket: Ticket<InstallView>, outcome: Result<Report, String>) {
     match outcome {
         Ok(r) => ticket.finish(|v| {
             v.progress.phase = proto::Phase::Done as i32;
-            v.result = Some(result_of(&r));
+            v.result = Some(proto::InstallResult {
+                trust: v.trust.clone(),
+                ..result_of(&r)
+            });
         }),
         Err(e) => ticket.finish(|v| {
             v.progress.phase = proto::Phase::Failed as i32;
@@ -388,6 +395,7 @@ fn finish(ticket: Ticket<InstallView>, outcome: Result<Report, String>) {
                 error: e,
                 sha256: v.sha256.clone(),
                 version: v.version.clone(),
+                trust: v.trust.clone(),
                 ..Default::default()
             });
         }),

@@ -13,6 +13,7 @@ use super::proto::{self, keel_server::Keel};
 use super::roles::{authorize, Rpc};
 use super::running::{self, Evidence, Running};
 use super::tls::Peer;
+use super::trust::{self, ImageTrust, ReleaseError, ReleasePlan};
 use crate::bootctl::{self, store, Slot, SlotFlags};
 use crate::control::journal;
 use crate::fetch::{Connect, Fetcher, TcpConnect};
@@ -39,6 +40,10 @@ pub struct AgentConfig {
     pub boot_record: Option<PathBuf>,
     /// CA bundle (PEM) trusted for https downloads; the system bundle when absent.
     pub fetch_ca: Option<PathBuf>,
+    /// The running image's root, where its trusted keys and security version are read once at
+    /// start (`/` on a node; see [`super::trust`]). `None`: the image trusts no key (the
+    /// simulation's nodes), so it takes unsigned images.
+    pub image_root: Option<PathBuf>,
 }
 
 /// Log streams (followed or not) open at once: each followed one costs a thread here and one
@@ -69,6 +74,8 @@ pub struct Agent<D: NodeDisk = FileDisk, C: Connect = TcpConnect> {
     log_streams: Arc<tokio::sync::Semaphore>,
     /// The boot stage's version from stage 2's record, empty when unknown.
     boot_stage: Arc<str>,
+    /// What installs the running image accepts, read once at start.
+    trust: Arc<ImageTrust>,
 }
 
 impl<D: NodeDisk, C: Connect> Clone for Agent<D, C> {
@@ -83,6 +90,7 @@ impl<D: NodeDisk, C: Connect> Clone for Agent<D, C> {
             fetcher: self.fetcher.clone(),
             log_streams: self.log_streams.clone(),
             boot_stage: self.boot_stage.clone(),
+            trust: self.trust.clone(),
         }
     }
 }
@@ -109,9 +117,20 @@ fn check<T>(req: &Request<T>, rpc: Rpc) -> Result<(), Status> {
     authorize(rpc, role).map_err(|d| Status::permission_denied(d.to_string()))
 }
 
-/// Every problem with an install request, all listed (empty: valid).
+/// Every problem with an install request, all listed (empty: valid). A request names either a
+/// release manifest (`release_url`) or an image and its digest (`full_image_url` and `sha256`).
 pub fn validate_install(r: &proto::InstallRequest) -> Vec<String> {
+    if !r.release_url.trim().is_empty() {
+        return validate_release_install(r);
+    }
     let mut errs = Vec::new();
+    if r.allow_downgrade {
+        errs.push(
+            "allow_downgrade is given without release_url: security versions are in release \
+             manifests only"
+                .to_string(),
+        );
+    }
     let d = r.sha256.trim();
     if d.is_empty() {
         errs.push("sha256 is empty: give the SHA-256 of the uncompressed image".to_string());
@@ -141,6 +160,27 @@ pub fn validate_install(r: &proto::InstallRequest) -> Vec<String> {
     }
     if r.version.len() > 128 || r.version.chars().any(|c| c.is_control()) {
         errs.push("version must be at most 128 printable characters".to_string());
+    }
+    errs
+}
+
+fn validate_release_install(r: &proto::InstallRequest) -> Vec<String> {
+    let mut errs = Vec::new();
+    let given = [
+        ("full_image_url", !r.full_image_url.is_empty()),
+        ("delta_url", !r.delta_url.is_empty()),
+        ("is_delta", r.is_delta),
+        ("sha256", !r.sha256.is_empty()),
+        ("version", !r.version.is_empty()),
+    ];
+    for (name, _) in given.iter().filter(|(_, g)| *g) {
+        errs.push(format!(
+            "release_url and {name} cannot be given together: the release manifest names the \
+             image, its digest, its delta and its version"
+        ));
+    }
+    if let Err(e) = trust::release_dir(r.release_url.trim()) {
+        errs.push(e.to_string());
     }
     errs
 }
@@ -291,8 +331,21 @@ impl<D: NodeDisk, C: Connect> Agent<D, C> {
         fetcher: Fetcher<C>,
         control: Arc<dyn NodeControl>,
     ) -> Self {
+        let trust = match &cfg.image_root {
+            Some(root) => {
+                let t = trust::load(root);
+                eprintln!(
+                    "keel-agent: update trust (from {}): {}",
+                    root.display(),
+                    t.describe()
+                );
+                t
+            }
+            None => ImageTrust::development(),
+        };
         Agent {
             running,
+            trust: Arc::new(trust),
             cfg: Arc::new(cfg),
             disk: Arc::new(disk),
             board: Board::new(),
@@ -391,6 +444,103 @@ impl<D: NodeDisk, C: Connect> Agent<D, C> {
         })
     }
 
+    /// What the running image trusts for updates.
+    pub fn trust(&self) -> &ImageTrust {
+        &self.trust
+    }
+
+    /// Download and check the release manifest of `r` (and its signature, on a signed-mode
+    /// node), then plan its install on top of `running`. Nothing is written; a refusal is
+    /// logged and returned.
+    async fn release_plan(
+        &self,
+        r: &proto::InstallRequest,
+        running: Option<Slot>,
+    ) -> Result<ReleasePlan, Status> {
+        let url = r.release_url.trim();
+        let shown = crate::fetch::redact_url(url);
+        let refused = |e: ReleaseError| {
+            eprintln!("keel-agent: release {shown} refused, nothing was written: {e}");
+            Status::failed_precondition(format!(
+                "release {shown} refused, nothing was written: {e}"
+            ))
+        };
+        let manifest = self
+            .fetcher
+            .get_small(
+                url,
+                crate::fetch::Limit {
+                    bytes: crate::update::manifest::MAX_MANIFEST_BYTES as u64,
+                    what: "a release manifest",
+                    hint: "it is fixed; a real release.json is about 1 KiB: check the URL",
+                },
+            )
+            .await
+            .map_err(|e| {
+                refused(ReleaseError::Fetch {
+                    what: "release manifest",
+                    url: shown.clone(),
+                    why: e.to_string(),
+                })
+            })?;
+        let signature = if self.trust.wants_signature() {
+            let sig_url = trust::signature_url(url);
+            match self
+                .fetcher
+                .get_small(
+                    &sig_url,
+                    crate::fetch::Limit {
+                        bytes: crate::update::manifest::MAX_SIGNATURE_BYTES as u64,
+                        what: "a manifest signature",
+                        hint: "it is fixed; a real release.json.minisig is about 300 bytes",
+                    },
+                )
+                .await
+            {
+                Ok(b) => Some(b),
+                // Not published: the release is unsigned, which check_release refuses by name.
+                Err(crate::fetch::FetchError::Status { status: 404, .. }) => None,
+                Err(e) => {
+                    return Err(refused(ReleaseError::Fetch {
+                        what: "manifest signature",
+                        url: crate::fetch::redact_url(&sig_url),
+                        why: e.to_string(),
+                    }))
+                }
+            }
+        } else {
+            None
+        };
+        let verified = self
+            .trust
+            .check_release(&manifest, signature.as_deref(), r.allow_downgrade)
+            .map_err(refused)?;
+        let running_sha = match running {
+            Some(s) => {
+                let (_, records) = self.disk_view().await?;
+                records[usize::from(s == Slot::B)]
+                    .as_ref()
+                    .map(|rec| crate::update::record::hex(&rec.sha256))
+            }
+            None => None,
+        };
+        let plan = trust::plan(&verified, url, running_sha.as_deref()).map_err(refused)?;
+        eprintln!(
+            "keel-agent: release {shown} accepted: version {}, {}; {} (running security \
+             version {})",
+            plan.version,
+            plan.trust,
+            match &plan.delta_url {
+                Some(_) => "its delta applies to the running image".to_string(),
+                None => "the full image is installed (no delta for the running image)".to_string(),
+            },
+            self.trust
+                .security_version()
+                .map_or_else(|| "unknown".to_string(), |v| v.to_string())
+        );
+        Ok(plan)
+    }
+
     /// The reply to Status.
     pub async fn status_reply(&self) -> Result<proto::StatusReply, Status> {
         let (flags, records) = self.disk_view().await?;
@@ -427,6 +577,7 @@ impl<D: NodeDisk, C: Connect> Agent<D, C> {
             kernel_release: kernel_release(),
             boot_stage: self.boot_stage.to_string(),
             last_rollback: self.last_rollback().await,
+            update_trust: self.trust.describe(),
         })
     }
 
@@ -492,24 +643,6 @@ impl<D: NodeDisk, C: Connect> Keel for Agent<D, C> {
         if !errs.is_empty() {
             return Err(Status::invalid_argument(errs.join("; ")));
         }
-        let sha = r.sha256.trim().to_ascii_lowercase();
-        let id = format!(
-            "{} (sha256 {sha})",
-            if r.version.is_empty() {
-                "unversioned image"
-            } else {
-                r.version.as_str()
-            }
-        );
-        let view = InstallView {
-            version: r.version.clone(),
-            sha256: sha.clone(),
-            progress: proto::Progress {
-                phase: proto::Phase::Validating as i32,
-                ..Default::default()
-            },
-            result: None,
-        };
         let running = self
             .running
             .for_change()
@@ -521,6 +654,41 @@ impl<D: NodeDisk, C: Connect> Keel for Agent<D, C> {
         {
             return Err(self.on_trial(slot).await);
         }
+        // Everything about what to install is settled here, before any write.
+        let plan = if r.release_url.trim().is_empty() {
+            self.trust
+                .admit_plain_install()
+                .map_err(|e| Status::failed_precondition(e.to_string()))?;
+            ReleasePlan {
+                full_url: r.full_image_url.trim().to_string(),
+                delta_url: r.is_delta.then(|| r.delta_url.trim().to_string()),
+                sha256: r.sha256.trim().to_ascii_lowercase(),
+                version: r.version.clone(),
+                trust: "unsigned image (development image: it trusts no signing key)".into(),
+            }
+        } else {
+            self.release_plan(&r, running).await?
+        };
+        let sha = plan.sha256.clone();
+        let id = format!(
+            "{} (sha256 {sha})",
+            if plan.version.is_empty() {
+                "unversioned image"
+            } else {
+                plan.version.as_str()
+            }
+        );
+        let view = InstallView {
+            version: plan.version.clone(),
+            sha256: sha.clone(),
+            progress: proto::Progress {
+                phase: proto::Phase::Validating as i32,
+                detail: plan.trust.clone(),
+                ..Default::default()
+            },
+            result: None,
+            trust: plan.trust.clone(),
+        };
         // Admission is atomic: of two concurrent calls exactly one gets the ticket.
         let ticket = self
             .board
@@ -531,10 +699,10 @@ impl<D: NodeDisk, C: Connect> Keel for Agent<D, C> {
             disk: self.cfg.disk.clone(),
             state_dir: self.cfg.state_dir.clone(),
             running,
-            full_url: r.full_image_url.trim().to_string(),
-            delta_url: r.is_delta.then(|| r.delta_url.trim().to_string()),
+            full_url: plan.full_url,
+            delta_url: plan.delta_url,
             sha256: sha,
-            version: r.version.clone(),
+            version: plan.version,
         };
         // The install runs on its own task: it goes on when the client disconnects.
         self.disk.spawn_install(job, self.fetcher.clone(), ticket);
@@ -853,5 +1021,29 @@ mod tests {
         assert_eq!(validate_install(&d).len(), 1);
         d.delta_url = "not a url".into();
         assert!(validate_install(&d)[0].contains("delta_url"));
+    }
+
+    #[test]
+    fn a_release_request_names_nothing_else_and_every_conflict_is_listed() {
+        let rel = |url: &str| proto::InstallRequest {
+            release_url: url.into(),
+            ..Default::default()
+        };
+        assert!(validate_install(&rel("http://h/r/release.json")).is_empty());
+        let mut both = rel("http://h/r/release.json");
+        both.full_image_url = "http://h/i".into();
+        both.sha256 = "ab".repeat(32);
+        let e = validate_install(&both);
+        assert_eq!(e.len(), 2, "{e:?}");
+        assert!(e[0].contains("release_url and full_image_url"), "{e:?}");
+        assert!(e[1].contains("release_url and sha256"), "{e:?}");
+        let e = validate_install(&rel("http://h/r/"));
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert!(e[0].contains("not its directory"), "{e:?}");
+        let mut plain = req("http://h/x", &"ab".repeat(32));
+        plain.allow_downgrade = true;
+        let e = validate_install(&plain);
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert!(e[0].contains("allow_downgrade"), "{e:?}");
     }
 }

@@ -50,6 +50,11 @@ struct Args {
     /// one is not downloaded: the install uses the full image.
     #[arg(long, default_value_t = keelos::update::bspatch::MAX_PATCH_LEN)]
     max_patch_size: u64,
+    /// The running image's root: its trusted signing keys (etc/keel/trusted-keys/*.pub) and
+    /// security version (etc/keel/security-version) are read from here once at start. With
+    /// keys, only signed releases are installed; without, unsigned images are (development).
+    #[arg(long, default_value = "/")]
+    image_root: PathBuf,
 }
 
 fn main() -> ExitCode {
@@ -91,6 +96,7 @@ async fn run(args: Args) -> Result<(), String> {
                     .map(keelos::control::boot::record_path)
             }),
             fetch_ca: args.fetch_ca.clone(),
+            image_root: Some(args.image_root.clone()),
         },
         control,
     )

@@ -414,6 +414,19 @@ impl<C: Connect> Fetcher<C> {
         Ok(d)
     }
 
+    /// The whole of a small file at `url` (a release manifest, a signature), held in memory. A
+    /// file longer than `limit.bytes` ends in [`FetchError::TooLong`] as soon as the server's
+    /// length or the bytes received show it: at most one received piece past the limit is ever
+    /// held.
+    pub async fn get_small(&self, url: &str, limit: Limit) -> Result<Vec<u8>, FetchError> {
+        let mut d = self.get_limited(url, 0, limit)?;
+        let mut out = Vec::new();
+        while let Some(b) = d.next().await? {
+            out.extend_from_slice(&b);
+        }
+        Ok(out)
+    }
+
     /// The size of the file at `url`, asked with a one-byte Range request (a server that ignores
     /// Range answers the whole file's Content-Length). `None` when the server does not say.
     ///

@@ -427,6 +427,29 @@ pub fn manifest(rel: &Release) -> Manifest {
     }
 }
 
+/// What the root image says about updates, for keel-agent to read at start: the keys it trusts
+/// (one file each under [`TRUSTED_KEYS_DIR`]) and its own security version
+/// ([`manifest::SECURITY_VERSION_FILE`], always written, 0 included).
+pub fn add_update_trust(
+    tree: &mut Tree,
+    trust: &TrustedKeys,
+    security_version: u64,
+) -> Result<(), ImageError> {
+    for k in trust.iter() {
+        tree.bytes(
+            &format!("{TRUSTED_KEYS_DIR}/{}", k.file_name()),
+            k.to_file_text(),
+            0o644,
+        )?;
+    }
+    tree.bytes(
+        manifest::SECURITY_VERSION_FILE,
+        manifest::security_version_text(security_version),
+        0o644,
+    )?;
+    Ok(())
+}
+
 /// Write `m` to `out/release.json` and, with a signer, its signature to
 /// `out/release.json.minisig` (checked with [`manifest::verify`] against `trust` first); without
 /// one, a signature left there by an earlier build is removed. Returns the signing key's id.
@@ -935,13 +958,7 @@ pub fn build(inputs: &ReleaseInputs, out: &Path) -> Result<Release, ImageError> 
         source: std::io::Error::other(e),
     })?;
     rtree.bytes(SLOT_BOOT_RECORD, record + "\n", 0o644)?;
-    for k in inputs.trust.iter() {
-        rtree.bytes(
-            &format!("{TRUSTED_KEYS_DIR}/{}", k.file_name()),
-            k.to_file_text(),
-            0o644,
-        )?;
-    }
+    add_update_trust(&mut rtree, &inputs.trust, inputs.security_version)?;
     let root = out.join(ROOT_FILE);
     squashfs(&rtree, &root, work.path())?;
     if inputs.broken == Some(Broken::CorruptSquashfs) {
@@ -1146,6 +1163,18 @@ mod tests {
         corrupt_superblock(&a).unwrap();
         assert_ne!(sha256_file(&a).unwrap().0, ha);
         assert_ne!(&std::fs::read(&a).unwrap()[..4], b"hsqs");
+    }
+
+    #[test]
+    fn the_root_tree_records_its_security_version_even_without_keys() {
+        let mut t = Tree::new();
+        add_update_trust(&mut t, &TrustedKeys::default(), 7).unwrap();
+        let d = tempfile::tempdir().unwrap();
+        t.materialize(d.path()).unwrap();
+        let text = std::fs::read_to_string(d.path().join(manifest::SECURITY_VERSION_FILE)).unwrap();
+        assert_eq!(text, "7\n");
+        assert_eq!(manifest::parse_security_version(&text), Ok(7));
+        assert!(!d.path().join(TRUSTED_KEYS_DIR).exists());
     }
 
     #[test]

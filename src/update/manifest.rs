@@ -35,6 +35,9 @@ pub const MAX_SIGNATURE_BYTES: usize = 4 << 10;
 /// Where an image carries the minisign public keys it trusts, relative to its root: one file per
 /// key, named `<KEY ID>.pub` (16 uppercase hex digits, as `minisign` prints key ids).
 pub const TRUSTED_KEYS_DIR: &str = "etc/keel/trusted-keys";
+/// Where an image records its own security version, relative to its root: one decimal number
+/// and a newline. An image without the file has security version 0.
+pub const SECURITY_VERSION_FILE: &str = "etc/keel/security-version";
 /// The manifest's file name in a release directory.
 pub const MANIFEST_FILE: &str = "release.json";
 /// The signature's file name in a release directory (minisign's default for [`MANIFEST_FILE`]).
@@ -202,7 +205,7 @@ impl PartialEq for TrustedKey {
 
 /// The keys an image trusts. Empty means a development image: it verifies nothing, and
 /// [`verify`] refuses to pretend otherwise (see [`accept_unsigned`]).
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct TrustedKeys {
     keys: Vec<TrustedKey>,
 }
@@ -426,6 +429,25 @@ pub enum ManifestError {
          choose the key that checks a signature)"
     )]
     DuplicateKeyId { key_id: KeyId },
+}
+
+/// The text of an image's [`SECURITY_VERSION_FILE`] (as [`security_version_text`] writes it):
+/// one decimal number, surrounding white space allowed. `Err` says what is wrong with it.
+pub fn parse_security_version(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    if t.is_empty() || t.len() > 20 || !t.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(format!(
+            "{:?} is not a decimal number",
+            t.chars().take(40).collect::<String>()
+        ));
+    }
+    t.parse::<u64>()
+        .map_err(|e| format!("{t:?} is not a security version ({e})"))
+}
+
+/// The content of an image's [`SECURITY_VERSION_FILE`] for `security_version`.
+pub fn security_version_text(security_version: u64) -> String {
+    format!("{security_version}\n")
 }
 
 /// Check a signed manifest: sizes, signature (by a trusted key), then the JSON and its fields,

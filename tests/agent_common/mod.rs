@@ -93,6 +93,7 @@ pub fn node_config(disk: &Path, state: &Path) -> AgentConfig {
         booted: None,
         boot_record: None,
         fetch_ca: None,
+        image_root: None,
     }
 }
 

@@ -53,18 +53,27 @@ enum Output {
 enum Cmd {
     /// Versions, slots, rollback, uptime and the update in progress.
     Status,
-    /// Install an image into the inactive slot (with --delta: a delta install, --image is the
+    /// Install into the inactive slot: a signed release (--release), or on a development image
+    /// an image and its digest (--image/--sha256; with --delta: a delta install, --image is the
     /// fallback).
     Install {
-        #[arg(long)]
-        image: String,
-        #[arg(long)]
+        /// URL of a release manifest (release.json); its signature (release.json.minisig), image
+        /// and delta are fetched beside it and checked by the node.
+        #[arg(long, required_unless_present = "image", conflicts_with_all = ["image", "delta", "sha256", "version"])]
+        release: Option<String>,
+        /// Install a release whose security version is lower than the running one (it must
+        /// still be signed; the node logs it).
+        #[arg(long, requires = "release")]
+        allow_downgrade: bool,
+        #[arg(long, requires = "sha256")]
+        image: Option<String>,
+        #[arg(long, requires = "image")]
         delta: Option<String>,
         /// SHA-256 of the uncompressed image (64 hex characters).
-        #[arg(long)]
-        sha256: String,
-        #[arg(long, default_value = "")]
-        version: String,
+        #[arg(long, requires = "image")]
+        sha256: Option<String>,
+        #[arg(long, requires = "image")]
+        version: Option<String>,
     },
     /// Reboot the node.
     Reboot {
@@ -311,6 +320,7 @@ fn result_json(r: &proto::InstallResult) -> serde_json::Value {
         "staged_slot": r.staged_slot,
         "sha256": r.sha256,
         "version": r.version,
+        "trust": r.trust,
     })
 }
 
@@ -327,6 +337,7 @@ fn status_json(s: &proto::StatusReply) -> serde_json::Value {
         "kernel_release": s.kernel_release,
         "boot_stage": s.boot_stage,
         "last_rollback": s.last_rollback,
+        "update_trust": s.update_trust,
         "slots": s.slots.iter().map(|x| json!({
             "slot": x.slot,
             "priority": x.priority,
@@ -396,6 +407,7 @@ fn print_status(s: &proto::StatusReply) {
     println!("uptime:      {}s", s.uptime_seconds);
     println!("kernel: {}", or_unknown(&s.kernel_release));
     println!("boot stage: {}", or_unknown(&s.boot_stage));
+    println!("update trust: {}", or_unknown(&s.update_trust));
     if s.rolled_back {
         println!(
             "rolled back: yes{}",
@@ -466,6 +478,9 @@ fn print_result(r: &proto::InstallResult) {
     } else {
         println!("install failed: {}", r.error);
     }
+    if !r.trust.is_empty() {
+        println!("trust: {}", r.trust);
+    }
 }
 
 /// A failure inside a command: already explained, or a failed call still to be diagnosed.
@@ -530,17 +545,21 @@ async fn command(cli: &Cli, client: &mut Client) -> Result<(), E> {
             Ok(())
         }
         Cmd::Install {
+            release,
+            allow_downgrade,
             image,
             delta,
             sha256,
             version,
         } => {
             let req = proto::InstallRequest {
-                full_image_url: image.clone(),
+                full_image_url: image.clone().unwrap_or_default(),
                 delta_url: delta.clone().unwrap_or_default(),
                 is_delta: delta.is_some(),
-                sha256: sha256.clone(),
-                version: version.clone(),
+                sha256: sha256.clone().unwrap_or_default(),
+                version: version.clone().unwrap_or_default(),
+                release_url: release.clone().unwrap_or_default(),
+                allow_downgrade: *allow_downgrade,
             };
             let stream = client.install(req).await.map_err(E::Rpc)?;
             let bar = if std::io::stderr().is_terminal() && !json_out {
