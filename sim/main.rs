@@ -22,8 +22,10 @@ use keelos::agent::proto;
 use keelos::block::{CrashDevice, SplitMix};
 use keelos::bootctl::{self, store, Slot};
 use keelos::disk::{self, LayoutSpec, MIB};
+use keelos::image::release::ReleaseSigner;
 use keelos::update::checkpoint::{Checkpoint, MemStore};
 use keelos::update::driver::{self, MemInputs, Request};
+use keelos::update::manifest::{self, Manifest};
 use keelos::update::{zframes, FullImage};
 use node::{check_disk, lock, sha, slot_image, Node, Spec};
 use operator::Outcome;
@@ -315,6 +317,7 @@ impl Fetch {
     }
     fn spec(self) -> Spec {
         Spec {
+            release_url: None,
             full_url: format!("{}{}", self.base(), self.full_path()),
             delta_url: self.delta.then(|| format!("{}/v2.delta", self.base())),
             sha256: sha(&images().v2),
@@ -1092,6 +1095,7 @@ fn operators_disconnect_and_race() {
             status,
             issues: 1,
             streams_lost: 0,
+            refused: None,
         };
         // The install succeeds unless the flaky link beat fetch's retry budget, in which case
         // it says to re-run it (and check_outcome sees the node still on its slot).
@@ -1110,4 +1114,303 @@ fn operators_disconnect_and_race() {
         raced.get() > 0 || seeds(DEFAULT_SEEDS).len() < 10,
         "the second operator never came while an install ran"
     );
+}
+
+/// The running image's security version on the signed-mode nodes.
+const RUNNING_SECURITY_VERSION: u64 = 5;
+
+/// The release signing keys of the simulation and a running image's root that trusts one of
+/// them. Made once per test process by the `minisign` crate's key generation (random, like the
+/// simulation's PKI); a seed replays alike whatever the keys are: keys, key ids and signatures
+/// have fixed lengths, so every message the network carries has the same size and timing.
+struct ReleaseKeys {
+    /// The key the nodes' image trusts.
+    trusted: ReleaseSigner,
+    /// A well-formed key the image does not trust.
+    untrusted: ReleaseSigner,
+    /// etc/keel/trusted-keys/<KEY ID>.pub (the trusted key) and etc/keel/security-version
+    /// ([`RUNNING_SECURITY_VERSION`]) as keel-image lays them out.
+    image_root: PathBuf,
+}
+
+fn new_signer(name: &str) -> ReleaseSigner {
+    let kp = minisign::KeyPair::generate_unencrypted_keypair().expect("minisign key generation");
+    let text = kp
+        .sk
+        .to_box(None)
+        .expect("an unencrypted secret key box")
+        .into_string();
+    ReleaseSigner::parse(name, &text).expect("the generated secret key is a signer")
+}
+
+fn release_keys() -> &'static ReleaseKeys {
+    static K: OnceLock<ReleaseKeys> = OnceLock::new();
+    K.get_or_init(|| {
+        let trusted = new_signer("sim trusted key");
+        let untrusted = new_signer("sim untrusted key");
+        let image_root = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+            .join(format!("sim-image-root-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&image_root);
+        let kd = image_root.join(manifest::TRUSTED_KEYS_DIR);
+        std::fs::create_dir_all(&kd).unwrap();
+        let public = trusted.public();
+        std::fs::write(kd.join(public.file_name()), public.to_file_text()).unwrap();
+        std::fs::write(
+            image_root.join(manifest::SECURITY_VERSION_FILE),
+            manifest::security_version_text(RUNNING_SECURITY_VERSION),
+        )
+        .unwrap();
+        ReleaseKeys {
+            trusted,
+            untrusted,
+            image_root,
+        }
+    })
+}
+
+/// release.json for v2 (its zstd frames beside it, and the delta from v1 when `delta`), as
+/// keel-image writes it.
+fn release_manifest(security_version: u64, delta: bool) -> Vec<u8> {
+    let im = images();
+    let hex = |c: char| std::iter::repeat_n(c, 64).collect::<String>();
+    Manifest {
+        format: manifest::FORMAT,
+        version: "v2".into(),
+        security_version,
+        kernel_release: "6.1.0-48-amd64".into(),
+        kernel_sha256: hex('e'),
+        initramfs_sha256: hex('f'),
+        image: manifest::Image {
+            sha256: sha(&im.v2),
+            size: im.v2.len() as u64,
+        },
+        compressed: manifest::Artifact {
+            name: "v2.img.zst".into(),
+            sha256: sha(&im.v2_zst),
+            size: im.v2_zst.len() as u64,
+        },
+        delta: delta.then(|| manifest::DeltaArtifact {
+            name: "v2.delta".into(),
+            base_sha256: sha(&im.v1),
+            sha256: sha(&im.delta),
+            size: im.delta.len() as u64,
+        }),
+        verity: None,
+    }
+    .to_bytes()
+}
+
+/// Its signature by `key`, as keel-image signs it.
+fn release_signature(key: &ReleaseSigner, manifest_bytes: &[u8]) -> Vec<u8> {
+    let m = Manifest::parse(manifest_bytes).unwrap();
+    let comment = format!(
+        "keelos release {} security_version {} file:{}",
+        m.version,
+        m.security_version,
+        manifest::MANIFEST_FILE
+    );
+    key.sign(manifest_bytes, &comment).unwrap().into_bytes()
+}
+
+/// What the update server publishes as the release.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Published {
+    /// Signed by the trusted key, security version at or above the running one.
+    Good,
+    /// The right manifest, signed by a key the image does not trust.
+    UntrustedKey,
+    /// The trusted key's signature of another manifest (an older release's) beside this one.
+    OtherSignature,
+    /// Signed by the trusted key, but an older security version than the running one.
+    Older,
+    /// No signature (404 for release.json.minisig).
+    Unsigned,
+}
+
+impl Published {
+    const ALL: [Published; 5] = [
+        Published::Good,
+        Published::UntrustedKey,
+        Published::OtherSignature,
+        Published::Older,
+        Published::Unsigned,
+    ];
+
+    /// What the agent's refusal must say.
+    fn refusal(self) -> Option<&'static str> {
+        match self {
+            Published::Good => None,
+            Published::UntrustedKey => Some("which this image does not trust"),
+            Published::OtherSignature => Some("does not verify"),
+            Published::Older => Some("lower than the running"),
+            Published::Unsigned => Some("the release is not signed"),
+        }
+    }
+}
+
+/// A node whose image trusts one signing key (security version [`RUNNING_SECURITY_VERSION`])
+/// is asked, through the API, to install the release at http(s)://server/release.json. The
+/// server publishes, by seed, a good release (signed by the trusted key, security version at or
+/// above the running one, with or without a delta from the running image), the right manifest
+/// signed by an untrusted key, the trusted key's signature of another manifest, an older
+/// release properly signed, or no signature at all. Every third seed's node-server link is
+/// flaky. A good release installs (or, on a flaky link, may fail to download, leaving the node
+/// on its slot); every other one is refused before anything is written (the disk byte for byte
+/// as it was, no checkpoint, no install in Status), whatever the network did.
+#[test]
+fn signed_releases_refuse_bad_signatures_and_older_releases() {
+    let counts = std::cell::RefCell::new(HashMap::<&str, u64>::new());
+    let count = |k: &'static str| *counts.borrow_mut().entry(k).or_default() += 1;
+    let name = "signed_releases_refuse_bad_signatures_and_older_releases";
+    each_seed(name, DEFAULT_SEEDS, |seed| {
+        let mut rng = SplitMix(seed);
+        let published = Published::ALL[(seed % 5) as usize];
+        let flaky = (seed / 5) % 3 == 0;
+        let https = rng.below(3) == 0;
+        let delta = rng.below(2) == 1;
+        let keys = release_keys();
+        let n = RUNNING_SECURITY_VERSION;
+        let good = release_manifest(n + rng.below(2), delta);
+        let older = release_manifest(rng.below(n), delta);
+        let (manifest_bytes, signature) = match published {
+            Published::Good => (good.clone(), Some(release_signature(&keys.trusted, &good))),
+            Published::UntrustedKey => (
+                good.clone(),
+                Some(release_signature(&keys.untrusted, &good)),
+            ),
+            Published::OtherSignature => (good, Some(release_signature(&keys.trusted, &older))),
+            Published::Older => (
+                older.clone(),
+                Some(release_signature(&keys.trusted, &older)),
+            ),
+            Published::Unsigned => (good, None),
+        };
+        let mut files = files(Fault::None);
+        files.insert(format!("/{}", manifest::MANIFEST_FILE), manifest_bytes);
+        if let Some(s) = signature {
+            files.insert(format!("/{}", manifest::SIGNATURE_FILE), s);
+        }
+        let mut sim = sim(seed);
+        server_host(&mut sim, Server::new(files, false));
+        let mut node = new_node("node");
+        node.image_root = Some(keys.image_root.clone());
+        node_host(&mut sim, &node);
+        if flaky {
+            sim.set_link_fail_rate("node", "server", flaky_rate(seed));
+        }
+        let base = if https {
+            "https://server"
+        } else {
+            "http://server"
+        };
+        let spec = Spec {
+            release_url: Some(format!("{base}/{}", manifest::MANIFEST_FILE)),
+            full_url: String::new(),
+            delta_url: None,
+            sha256: sha(&images().v2),
+            version: "v2".into(),
+        };
+        let out: Slot1<Result<Outcome, String>> = Rc::default();
+        let o2 = out.clone();
+        sim.client("operator", async move {
+            *o2.borrow_mut() = Some(operator::install("node", &spec, 3).await);
+            Ok(())
+        });
+        sim.run().map_err(|e| e.to_string())?;
+        let out = out
+            .borrow_mut()
+            .take()
+            .ok_or("the operator never finished")??;
+        if debug() {
+            eprintln!(
+                "{seed}: {published:?} flaky={flaky}: {:?} {:?}",
+                out.refused, out.result
+            );
+        }
+        let not_downloaded = out
+            .refused
+            .as_deref()
+            .is_some_and(|r| r.contains(operator::RELEASE_NOT_DOWNLOADED));
+        match (published.refusal(), &out.refused) {
+            (None, None) => {
+                // Installed, or (flaky link only) its download failed: check_outcome checks
+                // the disk holds v2 in B preferred, or v1 in A untouched.
+                check_outcome(&node, &out, (!flaky).then_some(true))?;
+                let ok = out.result.as_ref().is_some_and(|r| r.ok);
+                count(if ok {
+                    "a installs"
+                } else {
+                    "a downloads failed"
+                });
+                return Ok(());
+            }
+            (None, Some(_)) if flaky && not_downloaded => count("a manifests not downloaded"),
+            (None, Some(r)) => return Err(format!("a good release was refused: {r}")),
+            (Some(_), None) => {
+                return Err(format!(
+                    "{published:?}: not refused; the install ended {:?}",
+                    out.result
+                ))
+            }
+            (Some(why), Some(r)) => {
+                let excused = flaky && not_downloaded;
+                if !(r.contains(why) || excused) {
+                    return Err(format!("{published:?}: refused, but not for {why:?}: {r}"));
+                }
+                count(match (published, not_downloaded) {
+                    (_, true) => "refused as not downloaded",
+                    (Published::UntrustedKey, _) => "b untrusted key refused",
+                    (Published::OtherSignature, _) => "b other manifest's signature refused",
+                    (Published::Older, _) => "c older refused",
+                    _ => "d unsigned refused",
+                });
+            }
+        }
+        // Refused: nothing was written, no install ran.
+        if out.result.is_some() || out.status.update.is_some() {
+            return Err(format!(
+                "{published:?}: refused, yet an install ran: {:?}",
+                out.status.update
+            ));
+        }
+        let v = lock(&node.dev.watch).violations.clone();
+        if !v.is_empty() {
+            return Err(v.join("; "));
+        }
+        let disk = lock(&node.dev.disk);
+        let now =
+            keelos::block::read_vec(&*disk, 0, images().disk.len()).map_err(|e| e.to_string())?;
+        if disk.durable() != images().disk || now != images().disk {
+            return Err(format!("{published:?}: refused, but the disk changed"));
+        }
+        if lock(&node.store).value.is_some() {
+            return Err(format!(
+                "{published:?}: refused, but a checkpoint was stored"
+            ));
+        }
+        Ok(())
+    });
+    let counts = counts.into_inner();
+    let mut kinds: Vec<_> = counts.iter().collect();
+    kinds.sort();
+    let summary: Vec<String> = kinds.iter().map(|(k, n)| format!("{n} {k}")).collect();
+    eprintln!(
+        "signed_releases: {} seeds passed; {}",
+        seeds(DEFAULT_SEEDS).len(),
+        summary.join(", ")
+    );
+    if seeds(DEFAULT_SEEDS).len() >= 10 {
+        for k in [
+            "a installs",
+            "b untrusted key refused",
+            "b other manifest's signature refused",
+            "c older refused",
+            "d unsigned refused",
+        ] {
+            assert!(
+                counts.contains_key(k),
+                "no seed ended in \"{k}\": {counts:?}"
+            );
+        }
+    }
 }

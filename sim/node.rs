@@ -18,6 +18,7 @@ use keelos::update::checkpoint::{CheckpointStore, MemStore};
 use keelos::update::{driver, record};
 use sha2::{Digest, Sha256};
 use std::collections::HashSet;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 use tonic::Status;
@@ -197,6 +198,9 @@ pub struct Node {
     pub name: String,
     pub dev: Watched,
     pub store: Arc<Mutex<MemStore>>,
+    /// The running image's root as the agent reads its update trust from it (the trusted keys
+    /// and the security version); `None`: a development image that trusts no key.
+    pub image_root: Option<PathBuf>,
 }
 
 /// The checkpoint store shared between the node's incarnations.
@@ -272,6 +276,7 @@ impl Node {
                 watch: Arc::new(Mutex::new(Watch::default())),
             },
             store: Arc::new(Mutex::new(MemStore::default())),
+            image_root: None,
         }
     }
 
@@ -316,7 +321,7 @@ impl Node {
                 booted: running,
                 boot_record: None,
                 fetch_ca: Some(crate::pki().ca.clone()),
-                image_root: None,
+                image_root: self.image_root.clone(),
             },
             SimDisk {
                 dev: self.dev.clone(),
@@ -338,9 +343,12 @@ impl Node {
     }
 }
 
-/// An install as the operator asks for it.
+/// An install as the operator asks for it: an image and its digest, or a release manifest's URL
+/// (`release_url`; then the digest and version are the ones the manifest names, which the
+/// operator expects to see in Status).
 #[derive(Debug, Clone)]
 pub struct Spec {
+    pub release_url: Option<String>,
     pub full_url: String,
     pub delta_url: Option<String>,
     pub sha256: String,

@@ -27,6 +27,12 @@ pub fn client(node: &str) -> Client<SimConnect> {
 }
 
 pub fn request(spec: &Spec) -> proto::InstallRequest {
+    if let Some(url) = &spec.release_url {
+        return proto::InstallRequest {
+            release_url: url.clone(),
+            ..Default::default()
+        };
+    }
     proto::InstallRequest {
         full_image_url: spec.full_url.clone(),
         delta_url: spec.delta_url.clone().unwrap_or_default(),
@@ -167,7 +173,16 @@ pub struct Outcome {
     pub issues: u32,
     /// Install streams that ended without a result (the connection or the node was lost).
     pub streams_lost: u32,
+    /// The agent's refusal of the last issue of a release install (its manifest or signature
+    /// was refused, or could not be downloaded), before anything was written.
+    pub refused: Option<String>,
 }
+
+/// How the agent words a release it refused before writing anything.
+pub const RELEASE_REFUSED: &str = "refused, nothing was written";
+/// ... and a refusal because the manifest or its signature could not be downloaded (worth
+/// issuing again).
+pub const RELEASE_NOT_DOWNLOADED: &str = "cannot download the";
 
 /// Install `spec` on `node` through the API, issuing it up to `max_issues` times (after a lost
 /// node or a "re-run the install" failure). The result counts once Status shows it: a result
@@ -177,10 +192,26 @@ pub async fn install(node: &str, spec: &Spec, max_issues: u32) -> Result<Outcome
     let mut result = None;
     let mut issues = 0;
     let mut streams_lost = 0;
+    let mut refused = None;
     while issues < max_issues {
         issues += 1;
         result = None;
+        refused = None;
         match conn.start(spec).await {
+            // A release refused before anything was written: final, unless only its download
+            // failed (then issued again, like a "re-run the install").
+            Err(st)
+                if spec.release_url.is_some()
+                    && st.code() == Code::FailedPrecondition
+                    && st.message().contains(RELEASE_REFUSED) =>
+            {
+                refused = Some(st.message().to_string());
+                if st.message().contains(RELEASE_NOT_DOWNLOADED) {
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+                break;
+            }
             Ok(mut stream) => {
                 let r = follow(&mut stream, None)
                     .await
@@ -221,5 +252,6 @@ pub async fn install(node: &str, spec: &Spec, max_issues: u32) -> Result<Outcome
         status,
         issues,
         streams_lost,
+        refused,
     })
 }
