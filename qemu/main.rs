@@ -1029,68 +1029,94 @@ fn power_cuts_during_install_and_first_boot_always_boot_a_verified_slot() {
         .collect();
     let args: Vec<&str> = install_args.iter().map(String::as_str).collect();
 
-    // 1 and 2: at random points of the download (counted from the start of each attempt:
-    // the second attempt resumes, so its own share is what is left).
-    // a uniform choice in lo..hi
-    let mut pick = |lo: u64, hi: u64| lo + rng.next_u64() % (hi - lo);
-    let fractions = [
-        pick(100, 450) as f64 / 1000.0,
-        pick(200, 500) as f64 / 1000.0,
-    ];
-    let mut booted;
-    for f in fractions {
-        let before = n.server.sent(&p.image_file);
+    // osctl's progress stream for one install: the last phase and bytes written it reported,
+    // and the first bytes count (where the engine started: 0, or its checkpoint on a resume).
+    #[derive(Default)]
+    struct Seen {
+        phase: String,
+        done: u64,
+        first: Option<u64>,
+    }
+    let start_install = |n: &mut Node| {
         let mut child = n
             .osctl_cmd(&args)
-            .stdout(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::null())
             .spawn()
             .unwrap();
-        let at = (f * zst as f64) as u64;
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Seen::default()));
+        let out = child.stdout.take().unwrap();
+        let s2 = seen.clone();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+                let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+                let mut s = s2.lock().unwrap();
+                if let Some(ph) = v["phase"].as_str() {
+                    s.phase = ph.to_string();
+                }
+                if v["phase"] == "downloading" {
+                    let d = v["bytes_done"].as_u64().unwrap_or(0);
+                    s.done = d;
+                    s.first.get_or_insert(d);
+                }
+            }
+        });
+        (child, seen)
+    };
+
+    // 1 and 2: at random points of the download, taken from what the agent reports it has
+    // written (not from what the server has sent: several MiB sit in socket buffers between
+    // them). The engine checkpoints every 8 MiB written, and each cut comes at least 12 MiB
+    // after the last one, so each attempt leaves a newer checkpoint behind.
+    let image_len = node::releases().size("v2", "root.img");
+    // a uniform choice in lo..hi
+    let mut pick = |lo: u64, hi: u64| lo + rng.next_u64() % (hi - lo);
+    let first_at = (12 << 20) + pick(0, 200) * image_len / 1000;
+    let second_at = first_at + (12 << 20) + pick(0, 200) * image_len / 1000;
+    let mut booted;
+    let mut resumed_at = 0;
+    for (k, at) in [first_at, second_at].into_iter().enumerate() {
+        let (mut child, seen) = start_install(&mut n);
         loop {
-            if n.server.sent(&p.image_file) - before >= at {
+            if seen.lock().unwrap().done >= at {
                 break;
             }
             assert!(
                 child.try_wait().unwrap().is_none(),
-                "seed {seed}: the install ended before {at} bytes were sent"
+                "seed {seed}: the install ended before {at} bytes were written"
             );
             std::thread::sleep(Duration::from_millis(10));
         }
-        let got = n.server.sent(&p.image_file) - before;
+        let (first, done) = {
+            let s = seen.lock().unwrap();
+            (s.first.unwrap_or(0), s.done)
+        };
         cut(
             &mut n,
             &mut cuts,
-            &format!("during the download, {got} bytes into this attempt"),
+            &format!("during the download, {done} of {image_len} image bytes written"),
         );
+        if k == 1 {
+            resumed_at = first;
+            assert!(
+                first >= 8 << 20,
+                "seed {seed}: the second attempt started writing at {first}: it did not resume \
+                 from the first attempt's checkpoint"
+            );
+        }
         let _ = child.wait();
         booted = restart(&mut n, "after a cut during the download");
         assert_eq!(booted, "a", "slot b is not activated mid-download");
     }
+    eprintln!("power cuts: the second attempt resumed at image byte {resumed_at}");
 
     // 3: a random instant within 3 s of the end of the download (flushing, verifying,
     // activating, or just done), found from osctl's own progress stream.
     let before = n.server.sent(&p.image_file);
-    let mut child = n
-        .osctl_cmd(&args)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let phase = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
-    let out = child.stdout.take().unwrap();
-    let seen = phase.clone();
-    std::thread::spawn(move || {
-        use std::io::BufRead;
-        for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
-            let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
-            if let Some(ph) = v["phase"].as_str() {
-                *seen.lock().unwrap() = ph.to_string();
-            }
-        }
-    });
+    let (mut child, seen) = start_install(&mut n);
     loop {
-        let ph = phase.lock().unwrap().clone();
+        let ph = seen.lock().unwrap().phase.clone();
         if ["flushing", "verifying", "activating", "done"].contains(&ph.as_str()) {
             eprintln!("power cuts: the install is {ph}");
             break;
