@@ -377,8 +377,9 @@ pub enum Outcome {
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Act {
     Boot(Outcome),
-    /// keel-init's stage 2 marks the booted slot successful (a flag writer concurrent with the
-    /// agent's: each is one locked load-modify-commit, as `bootctl::store::update` makes it).
+    /// keel-init's stage 2 marks the booted slot successful, or clears a successful slot's count
+    /// of boots without health (a flag writer concurrent with the agent's: each is one locked
+    /// load-modify-commit, as `bootctl::store::update` makes it).
     MarkSuccessful,
     /// A boot that never got healthy: keel-init's deadline reboots (unflushed writes as in a cut).
     Deadline(u32),
@@ -766,7 +767,11 @@ impl Model for NodeModel {
                     acts.push(Act::Step);
                 }
                 acts.push(Act::Reboot);
-                if u.trial && u.health == Health::Good {
+                // a trial is marked successful; a good boot of a successful slot clears its
+                // count of boots without health
+                if u.health == Health::Good
+                    && (u.trial || bootctl::healthy_again(n.flags(), u.slot).is_some())
+                {
                     acts.push(Act::MarkSuccessful);
                 }
                 if u.health == Health::Sick {
@@ -811,9 +816,14 @@ impl Model for NodeModel {
             }
             Act::MarkSuccessful => {
                 let u = n.up_mut()?;
-                u.trial = false;
+                let trial = std::mem::replace(&mut u.trial, false);
                 let slot = u.slot;
-                if let Ok(f) = bootctl::mark_successful(n.flags(), slot) {
+                let f = if trial {
+                    bootctl::mark_successful(n.flags(), slot).ok()
+                } else {
+                    bootctl::healthy_again(n.flags(), slot)
+                };
+                if let Some(f) = f {
                     n.flush();
                     n.set_flags(f);
                 }

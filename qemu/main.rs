@@ -803,6 +803,71 @@ fn broken_agent_update_runs_out_of_tries_and_rolls_back() {
     );
 }
 
+/// Issue 13: a release that was marked successful and then stops reaching health (here its
+/// agent exits at start, as bit rot in its binary would make it) is not booted forever: each of
+/// its boots is counted until it reaches health, and after 3 boots in a row without health the
+/// boot stage demotes it and boots the other slot, which stays successful; the demoted slot
+/// stays bootable, as the fallback. Status says why, in words.
+#[test]
+fn a_successful_slot_that_stops_reaching_health_is_demoted_after_three_boots() {
+    let test = "demotion";
+    let mut n = Node::new("demotion", "v1");
+    let p = n.publish("bad-agent", false);
+    boot_to_agent(&mut n, test);
+    n.wait_booted_successful("a", AGENT_LIMIT);
+    installed(&mut n, &p, false, test);
+    n.vm().kill();
+    // the release had once been healthy: mark it successful offline, as its first boot would
+    node::run_ok(
+        std::process::Command::new(node::KEEL_IMAGE)
+            .args(["slots", "mark-successful"])
+            .arg(&n.disk)
+            .arg("b"),
+        "keel-image slots mark-successful",
+    );
+    n.boot();
+    let t0 = n.vm().started;
+    let (st, _) = n.wait_status(rollback_limit(), "slot b demoted, slot a booted", |s| {
+        s["booted_slot"] == "a"
+    });
+    timing(
+        test,
+        "power-on to agent ready on slot a (3 unhealthy boots of slot b, then the demotion)",
+        t0.elapsed(),
+    );
+    let serial = n.vm().serial();
+    assert_eq!(serial.matches("booting slot b").count(), 3, "{serial}");
+    assert_eq!(
+        serial.matches("did not become healthy within").count(),
+        3,
+        "{serial}"
+    );
+    assert!(
+        serial.contains("slot b is marked successful, but its last 3 boots did not reach health"),
+        "{serial}"
+    );
+    assert_eq!(st["os_version"], "KeelOS 1.0.0", "{st}");
+    assert_eq!(st["next_boot_slot"], "a", "{st}");
+    let b = Node::slot(&st, "b");
+    assert_eq!(
+        b["successful"], true,
+        "the demoted slot stays a fallback: {st}"
+    );
+    assert_eq!(b["state"], "successful", "{st}");
+    let why = st["last_rollback"].as_str().unwrap_or_default();
+    eprintln!("demotion: last rollback: {why}");
+    assert!(
+        why.starts_with(&format!(
+            "slot b ({}): marked successful, but its last 3 boots did not reach health (3 \
+             health deadline missed)",
+            p.version
+        )),
+        "{st}"
+    );
+    assert_slot_holds(&st, "a", "v1");
+    assert_slot_holds(&st, "b", "bad-agent");
+}
+
 /// Power-ons seen on a serial log: each starts the boot stage once (a kexec does not).
 fn power_ons(serial: &str) -> usize {
     serial.matches("] boot stage ").count()

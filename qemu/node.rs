@@ -26,7 +26,7 @@ pub struct Releases {
     pub config: PathBuf,
 }
 
-fn run_ok(cmd: &mut Command, what: &str) -> String {
+pub fn run_ok(cmd: &mut Command, what: &str) -> String {
     let o = cmd.output().unwrap_or_else(|e| panic!("{what}: {e}"));
     assert!(
         o.status.success(),

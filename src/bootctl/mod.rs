@@ -72,6 +72,9 @@ const NIBBLE: u64 = 0xF;
 pub const MAX_TRIES: u8 = 15;
 /// The tries a newly activated slot gets unless told otherwise.
 pub const DEFAULT_TRIES: u8 = 3;
+/// How many boots in a row a slot already marked successful may fail to reach health before the
+/// boot choice demotes it below the other slot (when that one is bootable).
+pub const MAX_UNHEALTHY_BOOTS: u8 = 3;
 
 /// The whole 64-bit GPT attribute word of a root entry. Only the boot bits are ever changed;
 /// every other bit is carried through untouched.
@@ -224,15 +227,27 @@ pub enum FlagError {
 pub struct BootChoice {
     pub slot: Slot,
     /// The flags to commit before the root is mounted (tries decremented when the slot has not
-    /// yet been marked successful).
+    /// yet been marked successful; the unhealthy-boot count raised when it has).
     pub flags: SlotFlags,
     /// Whether this boot spends one of the slot's tries.
     pub tried: bool,
+    /// The successful slot this choice demoted: its last [`MAX_UNHEALTHY_BOOTS`] boots did not
+    /// reach health, so the other slot boots instead.
+    pub demoted: Option<Slot>,
 }
 
-/// The boot stage's choice: the highest-priority bootable slot. If it has not yet been marked
-/// successful one of its tries is spent now, so a slot that keeps failing stops being chosen and
-/// the other one boots again.
+/// The boot stage's choice: the highest-priority bootable slot.
+///
+/// If it has not yet been marked successful one of its tries is spent now, so a slot that keeps
+/// failing stops being chosen and the other one boots again.
+///
+/// A slot already marked successful has no tries to spend; its tries field counts instead the
+/// boots since it last reached health (stage 2 sets it back to 0 when the boot is healthy). A
+/// successful slot that has started [`MAX_UNHEALTHY_BOOTS`] boots in a row without reaching
+/// health (bit rot in its image, a corrupted block the verity target refused, anything that
+/// keeps its services down) is demoted when the other slot is bootable: the other slot gets
+/// priority 2, the demoted one priority 1 with its count cleared, so it stays the fallback. With
+/// no other bootable slot it keeps being chosen: a node always has something to boot.
 pub fn choose_boot(flags: SlotFlags) -> Result<BootChoice, FlagError> {
     let slot = flags.preferred().ok_or(FlagError::NoBootableSlot {
         a: flags.a,
@@ -240,17 +255,41 @@ pub fn choose_boot(flags: SlotFlags) -> Result<BootChoice, FlagError> {
     })?;
     let f = flags.get(slot);
     if f.successful() {
+        let other = flags.get(slot.other());
+        // an other slot that is itself a successful slot at its limit is no way out: the two
+        // would trade places on every boot
+        let other_ok =
+            other.bootable() && !(other.successful() && other.tries() >= MAX_UNHEALTHY_BOOTS);
+        if f.tries() >= MAX_UNHEALTHY_BOOTS && other_ok {
+            let demoted = flags
+                .with(slot, f.with_priority(1).with_tries(0))
+                .with(slot.other(), other.with_priority(2));
+            let next = choose_boot(demoted)?;
+            return Ok(BootChoice {
+                demoted: Some(slot),
+                ..next
+            });
+        }
         return Ok(BootChoice {
             slot,
-            flags,
+            flags: flags.with(slot, f.with_tries(f.tries().saturating_add(1))),
             tried: false,
+            demoted: None,
         });
     }
     Ok(BootChoice {
         slot,
         flags: flags.with(slot, f.with_tries(f.tries() - 1)),
         tried: true,
+        demoted: None,
     })
+}
+
+/// Record that the running slot, already successful, reached health on this boot: its count of
+/// boots without health goes back to 0. `None` when there is nothing to change.
+pub fn healthy_again(flags: SlotFlags, running: Slot) -> Option<SlotFlags> {
+    let f = flags.get(running);
+    (f.successful() && f.tries() > 0).then(|| flags.with(running, f.with_tries(0)))
 }
 
 /// Whether `slot` is what the boot stage chose, judged from the flags after its choice was
@@ -406,6 +445,8 @@ mod tests {
     /// flags value with tries up to 3 (so that its try-before value is in the domain), each
     /// slot and trial word is confirmed if and only if it is among them. Flags alone cannot tell
     /// "the last try was just spent" from "the tries ran out earlier", so both readings pass.
+    /// A boot stage from before the unhealthy-boot count left good boots unchanged; its
+    /// hand-overs count as reached too, so a slot updated before the boot stage still boots.
     #[test]
     fn the_handoff_check_confirms_exactly_what_a_boot_choice_leaves() {
         use std::collections::HashSet;
@@ -422,6 +463,12 @@ mod tests {
             for &b in &all {
                 if let Ok(c) = choose_boot(pair(a, b)) {
                     reached.insert((c.flags.a.0, c.flags.b.0, c.slot, c.tried));
+                }
+                // a boot stage from before the unhealthy-boot count left the flags of
+                // a good boot unchanged; slots must still accept its hand-overs
+                let old = pair(a, b);
+                if let Some(slot) = old.preferred().filter(|s| old.get(*s).successful()) {
+                    reached.insert((a.0, b.0, slot, false));
                 }
             }
         }
@@ -492,11 +539,11 @@ mod tests {
                 None,
                 SlotFlags::default(),
             ),
-            // A successful, B invalid
+            // A successful, B invalid: the boot is counted until it reaches health
             (
                 pair(f(1, 0, true), f(0, 0, false)),
                 Some(Slot::A),
-                pair(f(1, 0, true), f(0, 0, false)),
+                pair(f(1, 1, true), f(0, 0, false)),
             ),
             // B freshly activated: it is tried, and a try is spent
             (
@@ -514,19 +561,49 @@ mod tests {
             (
                 pair(f(1, 0, true), f(2, 0, false)),
                 Some(Slot::A),
-                pair(f(1, 0, true), f(2, 0, false)),
+                pair(f(1, 1, true), f(2, 0, false)),
             ),
             // successful with priority 0 is still bootable
             (
                 pair(f(0, 0, true), f(0, 0, false)),
                 Some(Slot::A),
-                pair(f(0, 0, true), f(0, 0, false)),
+                pair(f(0, 1, true), f(0, 0, false)),
             ),
             // tie: A wins
             (
                 pair(f(1, 0, true), f(1, 0, true)),
                 Some(Slot::A),
-                pair(f(1, 0, true), f(1, 0, true)),
+                pair(f(1, 1, true), f(1, 0, true)),
+            ),
+            // A successful but its last 3 boots missed health, B successful: B, A demoted
+            (
+                pair(f(2, 3, true), f(1, 0, true)),
+                Some(Slot::B),
+                pair(f(1, 0, true), f(2, 1, true)),
+            ),
+            // the same with B on trial: B spends a try
+            (
+                pair(f(2, 3, true), f(1, 2, false)),
+                Some(Slot::B),
+                pair(f(1, 0, true), f(2, 1, false)),
+            ),
+            // the same with B failed: A is the last bootable slot and keeps booting
+            (
+                pair(f(2, 3, true), f(1, 0, false)),
+                Some(Slot::A),
+                pair(f(2, 4, true), f(1, 0, false)),
+            ),
+            // both successful and both at the limit: no trading places, A boots
+            (
+                pair(f(2, 3, true), f(1, 5, true)),
+                Some(Slot::A),
+                pair(f(2, 4, true), f(1, 5, true)),
+            ),
+            // the count stops at the field's 15
+            (
+                pair(f(2, 15, true), f(0, 0, false)),
+                Some(Slot::A),
+                pair(f(2, 15, true), f(0, 0, false)),
             ),
             // priority with no tries and not successful is not bootable
             (
@@ -562,6 +639,89 @@ mod tests {
         assert_eq!(c.slot, Slot::A);
         assert_eq!(c.flags.get(Slot::B).state(), SlotState::Failed);
         assert_eq!(c.flags.get(Slot::A).state(), SlotState::Successful);
+    }
+
+    /// Over every pair of flags with priority 0..=3, any tries and either successful bit
+    /// (16,384 pairs): the boot choice fails only when no slot is bootable, a demotion happens
+    /// exactly when the chosen slot would have been a successful slot at its limit and the other
+    /// slot is a way out, and a demotion leaves both slots bootable (the demoted one stays the
+    /// fallback).
+    #[test]
+    fn demotion_is_exact_and_never_takes_the_last_bootable_slot() {
+        let mut all = Vec::new();
+        for p in 0..=3 {
+            for t in 0..=MAX_TRIES {
+                for s in [false, true] {
+                    all.push(f(p, t, s));
+                }
+            }
+        }
+        let mut demotions = 0;
+        for &a in &all {
+            for &b in &all {
+                let flags = pair(a, b);
+                let Ok(c) = choose_boot(flags) else {
+                    assert!(!a.bootable() && !b.bootable(), "{flags:?}");
+                    continue;
+                };
+                assert!(flags.get(c.slot).bootable(), "{flags:?}: chose {}", c.slot);
+                let first = flags.preferred().unwrap();
+                let (fp, fo) = (flags.get(first), flags.get(first.other()));
+                let way_out = fo.bootable() && !(fo.successful() && fo.tries() >= 3);
+                let should = fp.successful() && fp.tries() >= MAX_UNHEALTHY_BOOTS && way_out;
+                assert_eq!(c.demoted.is_some(), should, "{flags:?}");
+                if let Some(d) = c.demoted {
+                    demotions += 1;
+                    assert_eq!((d, c.slot), (first, first.other()), "{flags:?}");
+                    let after = c.flags.get(d);
+                    assert!(after.successful() && after.tries() == 0, "{flags:?}");
+                    assert!(after.bootable(), "{flags:?}");
+                    assert!(
+                        after.priority() < c.flags.get(c.slot).priority(),
+                        "{flags:?}"
+                    );
+                } else if fp.successful() {
+                    assert_eq!(c.slot, first);
+                    assert_eq!(c.flags.get(first).tries(), (fp.tries() + 1).min(MAX_TRIES));
+                }
+            }
+        }
+        assert!(demotions > 1000, "only {demotions} demotions");
+    }
+
+    /// A release marked successful that then stops reaching health: after 3 unhealthy boots the
+    /// other slot boots; one healthy boot in between starts the count again; with nothing else
+    /// bootable it keeps booting.
+    #[test]
+    fn a_successful_slot_that_stops_reaching_health_is_demoted() {
+        let boot = |flags: SlotFlags, healthy: bool| {
+            let c = choose_boot(flags).unwrap();
+            let after = if healthy {
+                healthy_again(c.flags, c.slot).unwrap_or(c.flags)
+            } else {
+                c.flags
+            };
+            (c.slot, c.demoted, after)
+        };
+        // b successful and preferred, a the older successful release
+        let mut flags = pair(f(1, 0, true), f(2, 0, true));
+        for healthy in [false, false, true, false, false] {
+            let (slot, demoted, next) = boot(flags, healthy);
+            assert_eq!((slot, demoted), (Slot::B, None));
+            flags = next;
+        }
+        let (slot, _, next) = boot(flags, false);
+        assert_eq!(slot, Slot::B);
+        let (slot, demoted, next) = boot(next, true);
+        assert_eq!((slot, demoted), (Slot::A, Some(Slot::B)));
+        assert_eq!(next, pair(f(2, 0, true), f(1, 0, true)));
+        // alone: b never stops being chosen
+        let mut flags = pair(f(1, 0, false), f(2, 0, true));
+        for _ in 0..40 {
+            let (slot, demoted, next) = boot(flags, false);
+            assert_eq!((slot, demoted), (Slot::B, None));
+            flags = next;
+        }
     }
 
     #[test]

@@ -170,6 +170,10 @@ pub struct BootFacts {
     /// The slot whose tries ran out, so that the boot stage fell back from it to this one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fallback_from: Option<String>,
+    /// The successful slot the boot stage demoted so that this one boots: its last boots did not
+    /// reach health (`keel.demoted`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub demoted: Option<String>,
 }
 
 /// How a boot ended, as far as stage 2 could record it.
@@ -405,8 +409,58 @@ pub fn last_rollback(entries: &[Entry]) -> Option<String> {
         if let Some(s) = e.facts.fallback_from.as_deref() {
             return Some(fallback_words(&entries[..i], s, &e.facts.slot));
         }
+        if let Some(s) = e.facts.demoted.as_deref() {
+            return Some(demoted_words(&entries[..i], s, &e.facts.slot));
+        }
     }
     None
+}
+
+/// Why the successful slot `demoted` was demoted, from its boots in `before` since it last
+/// reached health; `booted` is the slot that boots instead.
+fn demoted_words(before: &[Entry], demoted: &str, booted: &str) -> String {
+    let since = before
+        .iter()
+        .rposition(|e| e.facts.slot == demoted && e.end == Some(End::Healthy))
+        .map_or(0, |p| p + 1);
+    let boots: Vec<&Entry> = before[since..]
+        .iter()
+        .filter(|e| e.facts.slot == demoted && !e.facts.trial)
+        .collect();
+    // a successful slot is not rewritten without a trial boot in between, so its last entry
+    // with a version (healthy or not) names the image that was demoted
+    let version = before
+        .iter()
+        .rfind(|e| e.facts.slot == demoted && !e.facts.version.is_empty())
+        .map(|e| e.facts.version.as_str());
+    let count = |end: Option<End>| boots.iter().filter(|e| e.end == end).count();
+    let mut ends = Vec::new();
+    for (end, words) in [
+        (Some(End::DeadlineMissed), "health deadline missed"),
+        (
+            None,
+            "no recorded end (kernel panic, hang, watchdog reset or power cut)",
+        ),
+        (Some(End::Reboot), "a reboot before health"),
+        (Some(End::Shutdown), "a power off before health"),
+    ] {
+        let n = count(end);
+        if n > 0 {
+            ends.push(format!("{n} {words}"));
+        }
+    }
+    let seen = if ends.is_empty() {
+        // the boots died before stage 2 could record them
+        "none reached stage 2 (the slot's kernel or its root failed before)".to_string()
+    } else {
+        ends.join(", ")
+    };
+    format!(
+        "{}: marked successful, but its last {} boots did not reach health ({seen}); demoted, \
+         slot {booted} boots instead (health missed)",
+        slot_name(demoted, version),
+        crate::bootctl::MAX_UNHEALTHY_BOOTS
+    )
 }
 
 /// "slot b (2.0.1)", or "slot b" without a version.
@@ -426,6 +480,7 @@ fn attempt<'a>(before: &'a [Entry], slot: &str) -> Vec<&'a Entry> {
         .rposition(|e| {
             (e.facts.slot == slot && !e.facts.trial)
                 || e.facts.fallback_from.as_deref() == Some(slot)
+                || e.facts.demoted.as_deref() == Some(slot)
                 || e.facts.refused.iter().any(|r| r.slot == slot)
         })
         .map_or(0, |p| p + 1);
@@ -500,6 +555,7 @@ mod tests {
             version: version.into(),
             refused: Vec::new(),
             fallback_from: None,
+            demoted: None,
         }
     }
 
@@ -755,6 +811,47 @@ mod tests {
             ]);
             assert_eq!(last_rollback(&j.entries).unwrap(), words);
         }
+    }
+
+    #[test]
+    fn a_demoted_successful_slot_is_explained_from_its_boots_since_health() {
+        let j = journal(vec![
+            (facts("b", true, "2.0.1"), Some(End::Healthy)),
+            (facts("b", false, "2.0.1"), Some(End::Healthy)),
+            (facts("b", false, "2.0.1"), Some(End::DeadlineMissed)),
+            (facts("b", false, "2.0.1"), None),
+            (facts("b", false, "2.0.1"), Some(End::DeadlineMissed)),
+            (
+                BootFacts {
+                    demoted: Some("b".into()),
+                    ..facts("a", false, "2.0.0")
+                },
+                Some(End::Healthy),
+            ),
+        ]);
+        assert_eq!(
+            last_rollback(&j.entries).unwrap(),
+            "slot b (2.0.1): marked successful, but its last 3 boots did not reach health (2 \
+             health deadline missed, 1 no recorded end (kernel panic, hang, watchdog reset or \
+             power cut)); demoted, slot a boots instead (health missed)"
+        );
+        // boots that never reached stage 2 leave no entries at all
+        let j = journal(vec![
+            (facts("b", false, "2.0.1"), Some(End::Healthy)),
+            (
+                BootFacts {
+                    demoted: Some("b".into()),
+                    ..facts("a", false, "2.0.0")
+                },
+                None,
+            ),
+        ]);
+        assert_eq!(
+            last_rollback(&j.entries).unwrap(),
+            "slot b (2.0.1): marked successful, but its last 3 boots did not reach health (none \
+             reached stage 2 (the slot's kernel or its root failed before)); demoted, slot a \
+             boots instead (health missed)"
+        );
     }
 
     #[test]

@@ -37,6 +37,9 @@ pub struct KernelParams {
     pub refused: Option<String>,
     /// `keel.fallback=b`: the boot choice fell back from this slot (its tries ran out).
     pub fallback_from: Option<Slot>,
+    /// `keel.demoted=a`: the boot choice demoted this successful slot (its last boots did not
+    /// reach health).
+    pub demoted: Option<Slot>,
 }
 
 /// Split a command line the way the kernel does: whitespace separates, double quotes group.
@@ -139,6 +142,10 @@ pub fn parse_kernel(cmdline: &str) -> (KernelParams, Vec<String>) {
             "keel.refused" => p.refused = Some(value.to_string()),
             "keel.fallback" => match value.parse() {
                 Ok(slot) => p.fallback_from = Some(slot),
+                Err(_) => warn.push(bad("expected a or b")),
+            },
+            "keel.demoted" => match value.parse() {
+                Ok(slot) => p.demoted = Some(slot),
                 Err(_) => warn.push(bad("expected a or b")),
             },
             k if k.starts_with("keel.") => warn.push(bad("unknown keel parameter")),

@@ -49,12 +49,13 @@ pub fn execute() -> nix::Error {
 
 /// The `keel.*` words that the boot stage sets for the slot; the boot stage's own values of
 /// these are dropped from the inherited command line.
-pub const HANDOFF_KEYS: [&str; 5] = [
+pub const HANDOFF_KEYS: [&str; 6] = [
     "keel.slot",
     "keel.boot",
     "keel.bootstage",
     "keel.refused",
     "keel.fallback",
+    "keel.demoted",
 ];
 
 /// What the boot stage tells the slot's keel-init.
@@ -69,6 +70,8 @@ pub struct Handoff {
     pub refused: String,
     /// The slot the boot choice fell back from (its tries ran out).
     pub fallback_from: Option<Slot>,
+    /// The successful slot the boot choice demoted (its last boots did not reach health).
+    pub demoted: Option<Slot>,
 }
 
 /// The slot kernel's command line: the boot stage's own words (without the loader's
@@ -106,6 +109,9 @@ pub fn slot_cmdline(boot_stage_cmdline: &str, h: &Handoff) -> String {
     if let Some(s) = h.fallback_from {
         words.push(format!("keel.fallback={}", s.letter()));
     }
+    if let Some(s) = h.demoted {
+        words.push(format!("keel.demoted={}", s.letter()));
+    }
     words.join(" ")
 }
 
@@ -120,6 +126,7 @@ mod tests {
             boot_stage: "1.0.0".into(),
             refused: String::new(),
             fallback_from: None,
+            demoted: None,
         }
     }
 

@@ -266,6 +266,7 @@ fn boot_stage(cmdline_text: &str, disk: &Path, mut watchdog: Option<Watchdog>) -
     let newroot = Path::new(NEWROOT);
     let mut refused: Vec<String> = Vec::new();
     let mut fallback_from = None;
+    let mut demoted = None;
     // each slot at most once per power-on
     for _ in 0..2 {
         if let Some(w) = watchdog.as_mut() {
@@ -277,6 +278,14 @@ fn boot_stage(cmdline_text: &str, disk: &Path, mut watchdog: Option<Watchdog>) -
         };
         let slot = c.choice.slot;
         fallback_from = fallback_from.or(bootctl::fell_back_from(c.choice.flags, slot));
+        demoted = demoted.or(c.choice.demoted);
+        if let Some(d) = c.choice.demoted {
+            log(format!(
+                "slot {d} is marked successful, but its last {} boots did not reach health: \
+                 demoted; slot {slot} boots",
+                bootctl::MAX_UNHEALTHY_BOOTS
+            ));
+        }
         let source =
             match bootdisk::mount_slot(disk, &c.layout, c.sector_size, slot, newroot, sys_block) {
                 Ok(s) => s,
@@ -310,6 +319,7 @@ fn boot_stage(cmdline_text: &str, disk: &Path, mut watchdog: Option<Watchdog>) -
                     boot_stage: version.clone(),
                     refused: refused.join(","),
                     fallback_from,
+                    demoted,
                 };
                 let words = kexec::slot_cmdline("", &handoff);
                 return hand_over(disk, &c.layout, c.sector_size, slot, watchdog, Some(words));
@@ -325,6 +335,7 @@ fn boot_stage(cmdline_text: &str, disk: &Path, mut watchdog: Option<Watchdog>) -
                     boot_stage: version.clone(),
                     refused: refused.join(","),
                     fallback_from,
+                    demoted,
                 };
                 let line = kexec::slot_cmdline(cmdline_text, &handoff);
                 match kexec::load(&kernel, &initramfs, &line) {

@@ -194,7 +194,18 @@ fn mark_successful(disk: &Path, slot: Slot) -> Result<String, String> {
     let mut dev = open_disk(disk, true).map_err(|e| e.to_string())?;
     let (_, flags) = store::load(&dev).map_err(|e| e.to_string())?;
     if flags.get(slot).successful() {
-        return Ok(format!("slot {slot} was already marked successful"));
+        if bootctl::healthy_again(flags, slot).is_none() {
+            return Ok(format!("slot {slot} was already marked successful"));
+        }
+        let (_, f) = store::update(&mut dev, |f| {
+            Ok(bootctl::healthy_again(f, slot).unwrap_or(f))
+        })
+        .map_err(|e| e.to_string())?;
+        return Ok(format!(
+            "slot {slot} was already marked successful; its count of boots without health is \
+             back to 0 ({})",
+            f.get(slot)
+        ));
     }
     let (_, f) = store::update(&mut dev, |f| bootctl::mark_successful(f, slot))
         .map_err(|e| e.to_string())?;
@@ -240,6 +251,7 @@ fn kernel_params(opts: &Stage2Options) -> KernelParams {
         params.boot_stage = hp.boot_stage;
         params.refused = hp.refused;
         params.fallback_from = hp.fallback_from;
+        params.demoted = hp.demoted;
     }
     for w in warnings {
         log(w);
@@ -272,6 +284,7 @@ fn journal_begin(opts: &Stage2Options, params: &KernelParams) -> bool {
             .unwrap_or_default(),
         refused,
         fallback_from: params.fallback_from.map(|s| s.letter().to_string()),
+        demoted: params.demoted.map(|s| s.letter().to_string()),
     };
     match journal::begin_at(&opts.state_dir, facts) {
         Ok((seq, warning)) => {
