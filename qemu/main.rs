@@ -625,8 +625,18 @@ fn the_disk_alone_boots_under_uefi_through_the_boot_stage() {
         "{st}"
     );
     assert_eq!(st["boot_stage"], "1.0.0", "{st}");
+    // the boot stage puts lockdown=integrity on the slot kernel's command line: the slot's
+    // kernel runs locked down (and still loads its modules: they carry Debian's signatures)
+    assert_eq!(st["lockdown"], "integrity", "{st}");
     let serial = n.vm().serial();
     assert!(serial.contains("keel.slot=a keel.boot=good"), "{serial}");
+    assert_eq!(
+        serial
+            .matches("Kernel is locked down from command line")
+            .count(),
+        1,
+        "the slot's kernel only: {serial}"
+    );
     assert!(
         serial.contains("slot a handed over by the boot stage"),
         "{serial}"

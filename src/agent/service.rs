@@ -223,6 +223,21 @@ fn uptime_seconds(started: Instant) -> u64 {
         .unwrap_or_else(|| started.elapsed().as_secs())
 }
 
+/// The kernel's lockdown mode: the bracketed word of /sys/kernel/security/lockdown
+/// ("none [integrity] confidentiality"); empty when securityfs or the LSM is not there.
+fn lockdown_mode() -> String {
+    std::fs::read_to_string("/sys/kernel/security/lockdown")
+        .map(|t| parse_lockdown(&t))
+        .unwrap_or_default()
+}
+
+fn parse_lockdown(text: &str) -> String {
+    text.split_whitespace()
+        .find_map(|w| w.strip_prefix('[').and_then(|w| w.strip_suffix(']')))
+        .unwrap_or_default()
+        .to_string()
+}
+
 /// The running kernel's release (uname -r), empty if uname(2) fails.
 fn kernel_release() -> String {
     nix::sys::utsname::uname()
@@ -578,6 +593,7 @@ impl<D: NodeDisk, C: Connect> Agent<D, C> {
             boot_stage: self.boot_stage.to_string(),
             last_rollback: self.last_rollback().await,
             update_trust: self.trust.describe(),
+            lockdown: lockdown_mode(),
         })
     }
 
@@ -1002,6 +1018,17 @@ mod tests {
             sha256: sha.into(),
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn the_lockdown_mode_is_the_bracketed_word() {
+        assert_eq!(
+            parse_lockdown("none [integrity] confidentiality\n"),
+            "integrity"
+        );
+        assert_eq!(parse_lockdown("[none] integrity confidentiality\n"), "none");
+        assert_eq!(parse_lockdown(""), "");
+        assert_eq!(parse_lockdown("none integrity"), "");
     }
 
     #[test]

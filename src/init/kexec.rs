@@ -90,6 +90,13 @@ pub fn slot_cmdline(boot_stage_cmdline: &str, h: &Handoff) -> String {
     if !words.iter().any(|w| w.starts_with("panic=")) {
         words.push("panic=10".into());
     }
+    // the slot's kernel runs locked down: no unsigned modules, no /dev/mem, no kexec of
+    // unsigned images, no hibernation. (The boot stage's kernel is not: under lockdown its
+    // kexec_file_load checks the slot kernel's signature against the kernel's keyrings, which
+    // hold the signer of Debian's kernels only through the firmware's db with Secure Boot.)
+    if !words.iter().any(|w| w.starts_with("lockdown=")) {
+        words.push("lockdown=integrity".into());
+    }
     words.push(format!("keel.slot={}", h.slot.letter()));
     words.push(format!(
         "keel.boot={}",
@@ -138,24 +145,26 @@ mod tests {
         );
         assert_eq!(
             c,
-            "console=ttyS0 keel.watchdog=20 panic=10 keel.slot=b keel.boot=trial \
-             keel.bootstage=1.0.0"
+            "console=ttyS0 keel.watchdog=20 panic=10 lockdown=integrity keel.slot=b \
+             keel.boot=trial keel.bootstage=1.0.0"
         );
     }
 
     #[test]
-    fn an_explicit_panic_value_is_kept_and_refusals_and_fallbacks_are_passed() {
+    fn explicit_panic_and_lockdown_values_are_kept_and_refusals_fallbacks_demotions_passed() {
         let mut h = handoff();
         h.slot = Slot::A;
         h.trial = false;
         h.refused = "b:kernel-load-failed".into();
         h.fallback_from = Some(Slot::B);
+        h.demoted = Some(Slot::B);
         h.boot_stage = "1.0 0\"x".into();
-        let c = slot_cmdline("panic=30 console=ttyS0", &h);
+        let c = slot_cmdline("panic=30 console=ttyS0 lockdown=confidentiality", &h);
         assert_eq!(
             c,
-            "panic=30 console=ttyS0 keel.slot=a keel.boot=good keel.bootstage=1.00x \
-             keel.refused=b:kernel-load-failed keel.fallback=b"
+            "panic=30 console=ttyS0 lockdown=confidentiality keel.slot=a keel.boot=good \
+             keel.bootstage=1.00x keel.refused=b:kernel-load-failed keel.fallback=b \
+             keel.demoted=b"
         );
     }
 

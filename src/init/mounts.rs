@@ -43,6 +43,8 @@ pub const EARLY: &[(&str, &str, &str, &str)] = &[
     // (source, target, type, data)
     ("proc", "/proc", "proc", ""),
     ("sysfs", "/sys", "sysfs", ""),
+    // the lockdown mode (and other LSM state) for the agent's Status
+    ("securityfs", "/sys/kernel/security", "securityfs", ""),
     ("devtmpfs", "/dev", "devtmpfs", "mode=0755"),
     ("tmpfs", "/run", "tmpfs", "mode=0755"),
     (
@@ -64,7 +66,7 @@ pub fn mount_early() {
         if *fstype != "devtmpfs" && *fstype != "devpts" {
             flags |= MsFlags::MS_NODEV;
         }
-        if matches!(*fstype, "proc" | "sysfs" | "cgroup2") {
+        if matches!(*fstype, "proc" | "sysfs" | "securityfs" | "cgroup2") {
             flags |= MsFlags::MS_NOEXEC;
         }
         let data = (!data.is_empty()).then_some(*data);

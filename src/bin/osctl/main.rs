@@ -338,6 +338,7 @@ fn status_json(s: &proto::StatusReply) -> serde_json::Value {
         "boot_stage": s.boot_stage,
         "last_rollback": s.last_rollback,
         "update_trust": s.update_trust,
+        "lockdown": s.lockdown,
         "slots": s.slots.iter().map(|x| json!({
             "slot": x.slot,
             "priority": x.priority,
@@ -408,6 +409,7 @@ fn print_status(s: &proto::StatusReply) {
     println!("kernel: {}", or_unknown(&s.kernel_release));
     println!("boot stage: {}", or_unknown(&s.boot_stage));
     println!("update trust: {}", or_unknown(&s.update_trust));
+    println!("kernel lockdown: {}", or_unknown(&s.lockdown));
     if s.rolled_back {
         println!(
             "rolled back: yes{}",
