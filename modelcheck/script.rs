@@ -272,6 +272,7 @@ pub fn engine_steps(key: ScriptKey) -> Vec<Step> {
             image_len: None,
         },
         delta: None,
+        delta_expect: None,
         checkpoint_every: CHUNK as u64,
     };
     let (layout, plan) = driver::plan(&dev, Some(Slot::A), req).expect("plan");

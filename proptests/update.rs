@@ -152,6 +152,7 @@ fn request(s: &Scenario, version: &str, img: &[u8], full_len: usize) -> Request 
             image_len: None,
         },
         delta: s.patch.as_ref().map(|_| "patch".to_string()),
+        delta_expect: None,
         checkpoint_every: s.shape.checkpoint_every,
     }
 }

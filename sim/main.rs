@@ -221,6 +221,7 @@ fn images() -> &'static Images {
                     image_len: None,
                 },
                 delta: None,
+                delta_expect: None,
                 checkpoint_every: MIB,
             },
         )

@@ -302,6 +302,31 @@ async fn a_signed_release_installs_through_osctl_with_its_delta_and_status_shows
     assert_eq!(r.bytes_saved, 0, "{r:?}");
     assert_eq!(r.version, "2.1");
 
+    // A delta for the running image whose served bytes are not the signed ones (one byte
+    // changed): it never reaches the patch applier; the full image is installed, and why.
+    let rel = a_release("2.2", 3, &v2, Some(("from-1.0.bsdiff", &v1, &patch)));
+    let (m, sig) = written(&rel, Some(&keys));
+    let mut altered = patch.clone();
+    let mid = altered.len() / 2;
+    altered[mid] ^= 0x20;
+    let url = publish(
+        &srv,
+        "/r/2.2/",
+        m,
+        sig,
+        &v2,
+        Some(("from-1.0.bsdiff", &altered)),
+    );
+    let (_, r) = install(&node, release_req(&url, false)).await.unwrap();
+    assert!(r.ok, "{r:?}");
+    assert!(r.fallback_used, "{r:?}");
+    assert!(
+        r.fallback_reason
+            .contains("is not the one the signed manifest gives"),
+        "{r:?}"
+    );
+    assert_eq!(r.bytes_saved, 0, "{r:?}");
+
     // osctl status shows the mode, in text and JSON
     let (code, out, err) = node_osctl(&node, &["status"]).await;
     assert_eq!(code, 0, "{err}");

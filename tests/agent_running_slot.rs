@@ -252,6 +252,7 @@ async fn an_install_never_writes_the_slot_the_root_is_mounted_from() {
         running: Some(Slot::B),
         full_url: srv.url("/v2.img"),
         delta_url: None,
+        delta_expect: None,
         sha256: sha(&v2),
         version: "2".into(),
     };

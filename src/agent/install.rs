@@ -42,6 +42,8 @@ pub struct Job {
     pub running: Option<Slot>,
     pub full_url: String,
     pub delta_url: Option<String>,
+    /// The delta's size and digest, when a signed release manifest gives them.
+    pub delta_expect: Option<crate::update::PatchExpect>,
     pub sha256: String,
     pub version: String,
 }
@@ -177,6 +179,7 @@ pub async fn install_on<C: Connect, D: BlockDevice + ?Sized>(
             image_len: None,
         },
         delta: job.delta_url.clone(),
+        delta_expect: job.delta_expect,
         checkpoint_every,
     };
     let (layout, plan) = driver::plan(&*dev, job.running, req).map_err(|e| e.to_string())?;

@@ -678,6 +678,7 @@ impl<D: NodeDisk, C: Connect> Keel for Agent<D, C> {
             ReleasePlan {
                 full_url: r.full_image_url.trim().to_string(),
                 delta_url: r.is_delta.then(|| r.delta_url.trim().to_string()),
+                delta_expect: None,
                 sha256: r.sha256.trim().to_ascii_lowercase(),
                 version: r.version.clone(),
                 trust: "unsigned image (development image: it trusts no signing key)".into(),
@@ -717,6 +718,7 @@ impl<D: NodeDisk, C: Connect> Keel for Agent<D, C> {
             running,
             full_url: plan.full_url,
             delta_url: plan.delta_url,
+            delta_expect: plan.delta_expect,
             sha256: sha,
             version: plan.version,
         };

@@ -265,6 +265,8 @@ pub struct ReleasePlan {
     pub full_url: String,
     /// Set when the manifest's delta applies to the running slot's image.
     pub delta_url: Option<String>,
+    /// The delta's size and digest as the manifest gives them (the engine applies no other).
+    pub delta_expect: Option<crate::update::PatchExpect>,
     pub sha256: String,
     pub version: String,
     /// Who vouched for it, with the security versions (and an allowed downgrade): logged, and
@@ -331,12 +333,23 @@ pub fn plan(
     let dir = release_dir(release_url)?;
     let m = verified.manifest();
     artifact("compressed.name", &m.compressed.name)?;
-    let delta_url = match &m.delta {
+    let (delta_url, delta_expect) = match &m.delta {
         Some(d) if running_sha256 == Some(d.base_sha256.as_str()) => {
             artifact("delta.name", &d.name)?;
-            Some(format!("{dir}{}", d.name))
+            // the manifest's digests were checked to be 64 hex digits when it was parsed; one
+            // that is not gives no delta (the full image is installed)
+            let expect = crate::update::record::parse_digest(&d.sha256).map(|sha256| {
+                crate::update::PatchExpect {
+                    sha256,
+                    size: d.size,
+                }
+            });
+            match expect {
+                Some(e) => (Some(format!("{dir}{}", d.name)), Some(e)),
+                None => (None, None),
+            }
         }
-        _ => None,
+        _ => (None, None),
     };
     let who = match verified.key_id() {
         Some(k) => format!("signed by trusted key {k}"),
@@ -353,6 +366,7 @@ pub fn plan(
     Ok(ReleasePlan {
         full_url: format!("{dir}{}", m.compressed.name),
         delta_url,
+        delta_expect,
         sha256: m.image.sha256.clone(),
         version: m.version.clone(),
         trust,

@@ -164,6 +164,7 @@ fn install_root(dev: &mut FileDevice, image: &Path, version: &str) -> Result<(),
             image_len: Some(len),
         },
         delta: None,
+        delta_expect: None,
         checkpoint_every: update::DEFAULT_CHECKPOINT_EVERY,
     };
     let install_err = |e: update::engine::InstallError| ImageError::Install {

@@ -3,7 +3,9 @@
 //! harnesses; keel-agent has an async driver of its own over the same engine.
 
 use super::checkpoint::CheckpointStore;
-use super::engine::{Action, Delta, Event, FullImage, Input, Install, InstallError, InstallPlan};
+use super::engine::{
+    Action, Delta, Event, FullImage, Input, Install, InstallError, InstallPlan, PatchExpect,
+};
 use super::{record, Progress, Report};
 use crate::block::{read_vec, BlockDevice, Window};
 use crate::bootctl::{store, Slot, SlotFlags};
@@ -64,6 +66,8 @@ pub struct Request {
     pub full: FullImage,
     /// The patch's identity, for a delta install.
     pub delta: Option<String>,
+    /// The patch's size and digest from a signed release manifest.
+    pub delta_expect: Option<PatchExpect>,
     pub checkpoint_every: u64,
 }
 
@@ -96,7 +100,11 @@ pub fn plan<D: BlockDevice + ?Sized>(
                 Some(r) => read_record(dev, &layout, r)?,
                 None => None,
             };
-            Some(Delta { identity, base })
+            Some(Delta {
+                identity,
+                base,
+                expect: req.delta_expect,
+            })
         }
         None => None,
     };

@@ -48,6 +48,17 @@ pub struct Delta {
     pub identity: String,
     /// The running slot's record (`None` when it has none: the delta cannot be used).
     pub base: Option<SlotRecord>,
+    /// The patch a signed release manifest names, when the install comes from one.
+    pub expect: Option<PatchExpect>,
+}
+
+/// What a signed release manifest says the patch is: a patch of another size or digest is not
+/// applied (the install falls back to the full image), so the patch applier only ever parses
+/// bytes the release signer vouched for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PatchExpect {
+    pub sha256: [u8; 32],
+    pub size: u64,
 }
 
 /// Everything an install needs to know up front.
@@ -468,6 +479,10 @@ impl Install {
             None => inst.start_fresh(),
         }
         Ok(inst)
+    }
+
+    fn patch_expect(&self) -> Option<PatchExpect> {
+        self.plan.delta.as_ref().and_then(|d| d.expect)
     }
 
     fn start_fresh(&mut self) {
@@ -910,14 +925,34 @@ impl Install {
             (Wait::Data, Event::Data(b), Stage::FetchPatch { base }) => {
                 self.patch.extend_from_slice(&b);
                 self.report.patch_bytes = self.patch.len() as u64;
+                let signed = self.patch_expect().map(|e| e.size);
                 if self.patch.len() as u64 > self.capacity() {
                     self.fall_back("the patch is larger than the slot it would fill".into());
+                } else if let Some(size) = signed.filter(|s| self.patch.len() as u64 > *s) {
+                    self.fall_back(format!(
+                        "the patch is larger than the {size} bytes the signed manifest gives"
+                    ));
                 } else {
                     self.stage = Stage::FetchPatch { base };
                 }
             }
             (Wait::Data, Event::EndOfInput, Stage::FetchPatch { base }) => {
                 let patch = std::mem::take(&mut self.patch);
+                if let Some(e) = self.patch_expect() {
+                    let got: [u8; 32] = Sha256::digest(&patch).into();
+                    if patch.len() as u64 != e.size || got != e.sha256 {
+                        self.fall_back(format!(
+                            "the patch ({} bytes, SHA-256 {}) is not the one the signed \
+                             manifest gives ({} bytes, SHA-256 {}): it is corrupt or another \
+                             release's",
+                            patch.len(),
+                            record::hex(&got),
+                            e.size,
+                            record::hex(&e.sha256)
+                        ));
+                        return;
+                    }
+                }
                 match Patcher::new(patch, base.length, self.capacity()) {
                     Ok(p) if self.plan.full.image_len.is_some_and(|l| l != p.new_size()) => self
                         .fall_back(format!(

@@ -19,8 +19,8 @@ pub mod record;
 pub mod zframes;
 
 pub use engine::{
-    Action, Delta, Event, FlagChange, FullImage, Input, Install, InstallError, InstallPlan, Phase,
-    Progress, Report, Resume,
+    Action, Delta, Event, FlagChange, FullImage, Input, Install, InstallError, InstallPlan,
+    PatchExpect, Phase, Progress, Report, Resume,
 };
 pub use record::SlotRecord;
 

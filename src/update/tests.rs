@@ -45,6 +45,7 @@ fn req(img: &[u8], full_len: usize) -> Request {
             image_len: None,
         },
         delta: None,
+        delta_expect: None,
         checkpoint_every: 64 * 1024,
     }
 }
@@ -177,6 +178,76 @@ fn delta_install_saves_bytes_and_bad_deltas_fall_back() {
             assert_eq!(r.bytes_saved, z.len() as u64 - plen, "{name}");
             assert!(r.bytes_saved > 0);
             assert_eq!(r.full_bytes, 0, "{name}: the full image was not fetched");
+        }
+        assert_eq!(slot_bytes(&dev, Slot::B, v2.len()), v2, "{name}");
+        assert_eq!(slot_bytes(&dev, Slot::A, v1.len()), v1, "{name}");
+    }
+}
+
+/// With a signed release manifest's size and digest for the patch, a patch that is not exactly
+/// that one never reaches the applier: the install falls back to the full image and says why.
+#[test]
+fn a_signed_manifests_patch_digest_and_size_gate_the_applier() {
+    let v1 = image(1, 300_000);
+    let mut v2 = v1.clone();
+    v2[1000..5000].copy_from_slice(&image(9, 4000));
+    let mut patch = Vec::new();
+    qbsdiff::Bsdiff::new(&v1, &v2).compare(&mut patch).unwrap();
+    let mut z = Vec::new();
+    zframes::compress(&v2[..], &mut z, 3, 64 * 1024).unwrap();
+    let signed = PatchExpect {
+        sha256: Sha256::digest(&patch).into(),
+        size: patch.len() as u64,
+    };
+    let mut flipped = patch.clone();
+    let mid = flipped.len() / 2;
+    flipped[mid] ^= 1;
+    let mut longer = patch.clone();
+    longer.extend_from_slice(&image(4, 200_000));
+    let cases: Vec<(&str, Vec<u8>, PatchExpect, Option<&str>)> = vec![
+        ("the signed patch", patch.clone(), signed, None),
+        (
+            "one flipped bit",
+            flipped,
+            signed,
+            Some("is not the one the signed manifest gives"),
+        ),
+        (
+            "another digest signed",
+            patch.clone(),
+            PatchExpect {
+                sha256: [7; 32],
+                ..signed
+            },
+            Some("is not the one the signed manifest gives"),
+        ),
+        (
+            "longer than signed",
+            longer,
+            signed,
+            Some("larger than the"),
+        ),
+    ];
+    for (name, p, expect, want) in cases {
+        let mut dev = MemDevice::new(6 * MIB + 65536, 512);
+        running_v1(&mut dev, &v1);
+        let mut rq = req(&v2, z.len());
+        rq.delta = Some("patch".into());
+        rq.delta_expect = Some(expect);
+        let r = install(
+            &mut dev,
+            rq,
+            inputs(z.clone(), Some(p)),
+            &mut MemStore::default(),
+        )
+        .unwrap_or_else(|e| panic!("{name}: {e}"));
+        match want {
+            None => assert!(r.delta_used && !r.fallback_used, "{name}: {r:?}"),
+            Some(why) => {
+                assert!(r.fallback_used && !r.delta_used, "{name}: {r:?}");
+                let reason = r.fallback_reason.clone().unwrap_or_default();
+                assert!(reason.contains(why), "{name}: {reason}");
+            }
         }
         assert_eq!(slot_bytes(&dev, Slot::B, v2.len()), v2, "{name}");
         assert_eq!(slot_bytes(&dev, Slot::A, v1.len()), v1, "{name}");

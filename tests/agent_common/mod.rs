@@ -407,6 +407,7 @@ pub fn run_v1(disk: &Path, img: &[u8]) {
             image_len: None,
         },
         delta: None,
+        delta_expect: None,
         checkpoint_every: 1 << 20,
     };
     let (layout, plan) = driver::plan(&dev, None, req).unwrap();

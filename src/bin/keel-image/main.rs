@@ -377,6 +377,7 @@ fn install(
             image_len,
         },
         delta: delta.map(|p| format!("file:{}", p.display())),
+        delta_expect: None,
         checkpoint_every: update::DEFAULT_CHECKPOINT_EVERY,
     };
     let (layout, plan) =
