@@ -75,7 +75,12 @@ impl Vm {
         let agent_port = free_port();
         let mut net = format!("user,id=n0,restrict=on,hostfwd=tcp:127.0.0.1:{agent_port}-:50051");
         if let Some(p) = spec.http_port {
-            net.push_str(&format!(",guestfwd=tcp:10.0.2.100:8080-tcp:127.0.0.1:{p}"));
+            // one socat per guest connection, so each is its own connection to the server: a
+            // chardev target ("-tcp:HOST:PORT") is one stream shared by every guest connection
+            // in turn, and bytes a closed guest connection left unread reach the next one
+            net.push_str(&format!(
+                ",guestfwd=tcp:10.0.2.100:8080-cmd:socat - TCP:127.0.0.1:{p}"
+            ));
         }
         // The log is appended to across reboots of the same guest; a new guest starts clean.
         let _ = std::fs::remove_file(&spec.serial_log);

@@ -878,6 +878,74 @@ fn a_successful_slot_that_stops_reaching_health_is_demoted_after_three_boots() {
     assert_slot_holds(&st, "b", "bad-agent");
 }
 
+/// Issue 13: a node whose image trusts release keys (etc/keel/trusted-keys, security version 1)
+/// installs signed releases only. Over its real update path (osctl → agent → HTTP server): a
+/// plain --image/--sha256 install, a manifest altered after signing and a release with a lower
+/// security version are refused with nothing downloaded or written; the lower one is admitted
+/// with --allow-downgrade only up to the signature check (not installed here); a good signed
+/// release installs, boots and reports its trust in Status.
+#[test]
+fn a_signed_node_installs_signed_releases_and_refuses_bad_ones_before_writing() {
+    let test = "signed releases";
+    let mut n = Node::new("signed", "s1");
+    let good = n.publish_release("s2", "s2", None);
+    let older = n.publish_release("s0", "s0", None);
+    let altered = n.publish_release("s2", "s2-altered", Some(("\"1.2.0\"", "\"1.2.9\"")));
+    let plain = n.publish("v2", false);
+    boot_to_agent(&mut n, test);
+    let (st, _) = n.wait_booted_successful("a", AGENT_LIMIT);
+    let trust = st["update_trust"].as_str().unwrap_or_default().to_string();
+    eprintln!("signed releases: update trust: {trust}");
+    assert!(
+        trust.starts_with("signed: 2 trusted keys") && trust.contains("security version 1"),
+        "{st}"
+    );
+    let b_before = Node::slot(&st, "b").clone();
+    let refused = |n: &mut Node, args: &[&str], want: &str| {
+        let e = n.osctl(args).expect_err("refused");
+        assert!(e.contains(want), "osctl {args:?}: {e}");
+        eprintln!("signed releases: osctl {}: refused: {}", args[1], e.trim());
+    };
+    let plain_args = plain.install_args(false);
+    let plain_args: Vec<&str> = plain_args.iter().map(String::as_str).collect();
+    refused(&mut n, &plain_args, "installs signed releases only");
+    refused(&mut n, &["install", "--release", &altered], "signature");
+    refused(
+        &mut n,
+        &["install", "--release", &older],
+        "security version",
+    );
+    for dir in ["s2-altered", "s0"] {
+        assert_eq!(n.server.sent(&format!("{dir}/root.img.zst")), 0, "{dir}");
+    }
+    assert_eq!(n.server.sent(&plain.image_file), 0);
+    let st = n.status().unwrap();
+    assert_eq!(
+        Node::slot(&st, "b"),
+        &b_before,
+        "slot b was not touched: {st}"
+    );
+
+    let t0 = std::time::Instant::now();
+    let out = n
+        .osctl(&["--output", "json", "install", "--release", &good])
+        .unwrap_or_else(|e| panic!("osctl install --release: {e}"));
+    timing(test, "install of signed release 1.2.0", t0.elapsed());
+    let r = serde_json::Deserializer::from_str(&out)
+        .into_iter::<serde_json::Value>()
+        .filter_map(Result::ok)
+        .last()
+        .unwrap_or_default();
+    assert_eq!(r["ok"], true, "{out}");
+    assert_eq!(r["version"], "1.2.0", "{r}");
+    assert_eq!(r["sha256"], node::releases().sha256("s2").as_str(), "{r}");
+    let st = reboot_into(&mut n, test, "b");
+    assert_eq!(st["os_version"], "KeelOS 1.2.0", "{st}");
+    let trust = st["update_trust"].as_str().unwrap_or_default();
+    assert!(trust.contains("security version 2"), "{st}");
+    assert_slot_holds(&st, "b", "s2");
+}
+
 /// Power-ons seen on a serial log: each starts the boot stage once (a kexec does not).
 fn power_ons(serial: &str) -> usize {
     serial.matches("] boot stage ").count()

@@ -72,7 +72,38 @@ const RELEASES: &[(&str, &str, Option<&str>, Option<&str>)] = &[
     ),
     // v1 with another stock Debian kernel (KERNEL2): a release that differs only by its kernel
     ("v2-kernel", "2.0.0-kernel", None, None),
+    // signed releases (see SIGNED): their images trust two release keys
+    ("s0", "1.0.9", None, None),
+    ("s1", "1.1.0", None, None),
+    ("s2", "1.2.0", None, None),
 ];
+
+/// The signed releases' security versions; each is signed with the first of [`release_keys`]
+/// and trusts both.
+const SIGNED: &[(&str, u64)] = &[("s0", 0), ("s1", 1), ("s2", 2)];
+
+/// Two release key pairs made by the stock `minisign -G -W` in `dir/keys` (once per run):
+/// (public key files, the first key's secret key file).
+fn release_keys(dir: &Path) -> ([PathBuf; 2], PathBuf) {
+    let keys = dir.join("keys");
+    let name = |i: usize, ext: &str| keys.join(format!("release{i}.{ext}"));
+    for i in 0..2 {
+        if name(i, "pub").is_file() {
+            continue;
+        }
+        std::fs::create_dir_all(&keys).unwrap();
+        run_ok(
+            Command::new("minisign")
+                .args(["-G", "-W", "-p"])
+                .arg(name(i, "pub"))
+                .arg("-s")
+                .arg(name(i, "key"))
+                .stdin(std::process::Stdio::null()),
+            "minisign -G -W (the stock tool: apt-get install minisign, or ci/install-deps)",
+        );
+    }
+    ([name(0, "pub"), name(1, "pub")], name(0, "key"))
+}
 
 /// The second stock Debian kernel of the kernel-update test: package, version, `uname -r`.
 pub const KERNEL2: (&str, &str, &str) =
@@ -108,6 +139,14 @@ fn build(dir: &Path, name: &str) {
     if name == "v2-kernel" {
         c.arg("--kernel-package")
             .arg(format!("{}={}", KERNEL2.0, KERNEL2.1));
+    }
+    if let Some(&(_, sv)) = SIGNED.iter().find(|s| s.0 == name) {
+        let (public, secret) = release_keys(dir);
+        c.arg("--security-version").arg(sv.to_string());
+        for p in public {
+            c.arg("--trust").arg(p);
+        }
+        c.arg("--sign").arg(secret);
     }
     run_ok(&mut c, &format!("keel-image build release {name}"));
     harness::timing(
@@ -312,6 +351,31 @@ impl Node {
             sha256: r.sha256(name),
             version: r.version(name).to_string(),
         }
+    }
+
+    /// Put signed release `name` on this node's update server under `as_dir/`: its manifest,
+    /// the manifest's signature and the compressed image the manifest names. `tamper` changes
+    /// the served manifest's bytes (after signing) with a text replacement. Returns the
+    /// manifest's URL as the guest sees it.
+    pub fn publish_release(
+        &self,
+        name: &str,
+        as_dir: &str,
+        tamper: Option<(&str, &str)>,
+    ) -> String {
+        let rel = releases().release(name);
+        let dir = self.server.root.join(as_dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        for f in ["release.json.minisig", "root.img.zst"] {
+            std::fs::copy(rel.join(f), dir.join(f)).unwrap();
+        }
+        let mut manifest = std::fs::read_to_string(rel.join("release.json")).unwrap();
+        if let Some((from, to)) = tamper {
+            assert!(manifest.contains(from), "{from:?} is not in {manifest}");
+            manifest = manifest.replacen(from, to, 1);
+        }
+        std::fs::write(dir.join("release.json"), manifest).unwrap();
+        server::guest_url(&format!("{as_dir}/release.json"))
     }
 
     /// Boot (or, after a power cut, boot again) from the disk alone under UEFI: OVMF starts

@@ -90,9 +90,11 @@ impl UpdateServer {
                 }
             }
             let name = target.trim_start_matches('/');
+            // a file of the served directory or of one directory below it
             let ok_name = !name.is_empty()
                 && !name.contains("..")
-                && !name.contains('/')
+                && name.split('/').count() <= 2
+                && name.split('/').all(|c| !c.is_empty())
                 && (method == "GET" || method == "HEAD");
             let path = self.root.join(name);
             let file = if ok_name {
@@ -202,7 +204,21 @@ mod tests {
         assert_eq!(s.sent("root.img"), 100_000 + 10 + 10);
         let (h, _) = get(s.port, "root.img", Some("bytes=100000-"));
         assert!(h.starts_with("HTTP/1.1 416"), "{h}");
-        for bad in ["../etc/passwd", "missing", "%2e%2e/x"] {
+        // one directory below the served one
+        std::fs::create_dir(d.path().join("r1")).unwrap();
+        std::fs::write(d.path().join("r1/release.json"), b"{}").unwrap();
+        let (h, b) = get(s.port, "r1/release.json", None);
+        assert!(h.starts_with("HTTP/1.1 200"), "{h}");
+        assert_eq!(b, b"{}");
+        assert_eq!(s.sent("r1/release.json"), 2);
+        for bad in [
+            "../etc/passwd",
+            "missing",
+            "%2e%2e/x",
+            "a/b/c",
+            "a//b",
+            "/x",
+        ] {
             let (h, _) = get(s.port, bad, None);
             assert!(h.starts_with("HTTP/1.1 404"), "{bad}: {h}");
         }
