@@ -128,6 +128,29 @@ fn full_install_raw_and_compressed() {
     }
 }
 
+/// A delta install of `v2` from `v1` (running in slot A) with `patch` served and `z` the full
+/// image's compressed form; the disk is returned for checks.
+fn delta_install(
+    name: &str,
+    (v1, v2, z): (&[u8], &[u8], &[u8]),
+    patch: Vec<u8>,
+    expect: Option<PatchExpect>,
+) -> (Report, MemDevice) {
+    let mut dev = MemDevice::new(6 * MIB + 65536, 512);
+    running_v1(&mut dev, v1);
+    let mut rq = req(v2, z.len());
+    rq.delta = Some("patch".into());
+    rq.delta_expect = expect;
+    let r = install(
+        &mut dev,
+        rq,
+        inputs(z.to_vec(), Some(patch)),
+        &mut MemStore::default(),
+    )
+    .unwrap_or_else(|e| panic!("{name}: {e}"));
+    (r, dev)
+}
+
 #[test]
 fn delta_install_saves_bytes_and_bad_deltas_fall_back() {
     let v1 = image(1, 300_000);
@@ -157,18 +180,8 @@ fn delta_install_saves_bytes_and_bad_deltas_fall_back() {
         ("empty", Vec::new(), true),
     ];
     for (name, p, want_fallback) in cases {
-        let mut dev = MemDevice::new(6 * MIB + 65536, 512);
-        running_v1(&mut dev, &v1);
-        let mut rq = req(&v2, z.len());
-        rq.delta = Some("patch".into());
         let plen = p.len() as u64;
-        let r = install(
-            &mut dev,
-            rq,
-            inputs(z.clone(), Some(p)),
-            &mut MemStore::default(),
-        )
-        .unwrap_or_else(|e| panic!("{name}: {e}"));
+        let (r, dev) = delta_install(name, (&v1, &v2, &z), p, None);
         assert_eq!(r.fallback_used, want_fallback, "{name}: {r:?}");
         assert_eq!(r.delta_used, !want_fallback, "{name}");
         if want_fallback {
@@ -229,18 +242,7 @@ fn a_signed_manifests_patch_digest_and_size_gate_the_applier() {
         ),
     ];
     for (name, p, expect, want) in cases {
-        let mut dev = MemDevice::new(6 * MIB + 65536, 512);
-        running_v1(&mut dev, &v1);
-        let mut rq = req(&v2, z.len());
-        rq.delta = Some("patch".into());
-        rq.delta_expect = Some(expect);
-        let r = install(
-            &mut dev,
-            rq,
-            inputs(z.clone(), Some(p)),
-            &mut MemStore::default(),
-        )
-        .unwrap_or_else(|e| panic!("{name}: {e}"));
+        let (r, dev) = delta_install(name, (&v1, &v2, &z), p, Some(expect));
         match want {
             None => assert!(r.delta_used && !r.fallback_used, "{name}: {r:?}"),
             Some(why) => {
@@ -280,18 +282,8 @@ fn bsdf2_delta_install_applies_and_broken_ones_fall_back() {
         ("truncated", patch[..patch.len() / 2].to_vec(), true),
     ];
     for (name, p, want_fallback) in cases {
-        let mut dev = MemDevice::new(6 * MIB + 65536, 512);
-        running_v1(&mut dev, &v1);
-        let mut rq = req(&v2, z.len());
-        rq.delta = Some("patch".into());
         let plen = p.len() as u64;
-        let r = install(
-            &mut dev,
-            rq,
-            inputs(z.clone(), Some(p)),
-            &mut MemStore::default(),
-        )
-        .unwrap_or_else(|e| panic!("{name}: {e}"));
+        let (r, dev) = delta_install(name, (&v1, &v2, &z), p, None);
         assert_eq!(r.fallback_used, want_fallback, "{name}: {r:?}");
         if !want_fallback {
             assert_eq!(r.bytes_saved, z.len() as u64 - plen, "{name}");
