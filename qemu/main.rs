@@ -205,6 +205,32 @@ fn release_pipeline_is_reproducible_and_audited() {
     let rel: serde_json::Value =
         serde_json::from_slice(&std::fs::read(a.join("build.json")).unwrap()).unwrap();
     assert_eq!(rel["version"], "1.0.0");
+    // The root image ends with its dm-verity tree; the manifest's root hash checks it with
+    // the stock veritysetup, and a flipped byte of the SquashFS fails the check.
+    let m: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(a.join("release.json")).unwrap()).unwrap();
+    let (root_hash, hash_offset) = (
+        m["verity"]["root_hash"].as_str().unwrap().to_string(),
+        m["verity"]["hash_offset"].as_u64().unwrap(),
+    );
+    assert_eq!(m["verity"]["data_size"].as_u64(), Some(hash_offset), "{m}");
+    let veritysetup = |image: &Path| {
+        Command::new("/usr/sbin/veritysetup")
+            .arg("verify")
+            .arg(format!("--hash-offset={hash_offset}"))
+            .arg(image)
+            .arg(image)
+            .arg(&root_hash)
+            .output()
+            .unwrap()
+    };
+    let o = veritysetup(&a.join("root.img"));
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let flipped = d.join("flipped.img");
+    let mut bytes = std::fs::read(a.join("root.img")).unwrap();
+    bytes[(hash_offset / 2) as usize] ^= 1;
+    std::fs::write(&flipped, bytes).unwrap();
+    assert!(!veritysetup(&flipped).status.success());
 
     // A different version changes os-release and the digest, and little else.
     // It also carries a delta from 1.0.0 that turns a's image into c's exactly, and its

@@ -120,6 +120,7 @@ fn a_release(
             len: patch.len() as u64,
             sha256: sha(patch),
         }),
+        verity: None,
         modules: vec![],
         slot_boot: BootFiles {
             kernel_release: "6.1.0-48-amd64".into(),

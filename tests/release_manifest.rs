@@ -142,6 +142,7 @@ fn a_release(security_version: u64) -> Release {
             len: 4 << 20,
             sha256: hex('d'),
         }),
+        verity: None,
         modules: vec!["virtio_blk".into()],
         slot_boot: BootFiles {
             kernel_release: "6.1.0-48-amd64".into(),

@@ -19,6 +19,7 @@ pub mod release;
 pub mod stub;
 pub mod tree;
 pub mod uki;
+pub mod verity_file;
 
 /// Building an image failed.
 #[derive(Debug, thiserror::Error)]

@@ -177,6 +177,10 @@ pub struct Release {
     /// The delta from a previous release, when one was asked for.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub delta: Option<DeltaArtifact>,
+    /// The dm-verity hash tree appended to the root image (its root hash is signed in the
+    /// manifest); `None` for an image built without one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub verity: Option<manifest::Verity>,
     /// Modules in the initramfs, in load order.
     pub modules: Vec<String>,
     /// What the root image's /boot/keel-boot.json says about the slot's kernel and initramfs.
@@ -393,8 +397,7 @@ pub fn check_signing(
     Ok(())
 }
 
-/// The manifest of a built release. Pure: every digest is in `rel` already; the verity fields
-/// stay empty until releases carry a hash tree.
+/// The manifest of a built release. Pure: every digest is in `rel` already.
 pub fn manifest(rel: &Release) -> Manifest {
     let name = |p: &Path| {
         p.file_name()
@@ -423,8 +426,42 @@ pub fn manifest(rel: &Release) -> Manifest {
             sha256: d.sha256.clone(),
             size: d.len,
         }),
-        verity: None,
+        verity: rel.verity.clone(),
     }
+}
+
+/// The salt of every release's dm-verity tree: fixed (SHA-256 of this text), so that two
+/// releases' trees differ only where their data does and deltas stay small. A salt guards
+/// against precomputed collisions on one tree; SHA-256's second-preimage resistance does not
+/// need it per release.
+pub const VERITY_SALT_TEXT: &str = "keelos release dm-verity salt v1";
+
+/// Append the dm-verity hash tree to the root image `root` (veritysetup's format, the fixed
+/// [`VERITY_SALT_TEXT`] salt, a UUID derived from the image's bytes so builds stay
+/// reproducible) and return the manifest's verity fields.
+fn append_verity(root: &Path) -> Result<manifest::Verity, ImageError> {
+    use sha2::Digest;
+    let salt = crate::verity::Salt::new(&sha2::Sha256::digest(VERITY_SALT_TEXT.as_bytes()))
+        .map_err(|e| ImageError::Io {
+            what: "the verity salt".into(),
+            source: std::io::Error::other(e.to_string()),
+        })?;
+    let (sha, _) = sha256_file(root)?;
+    let mut seed = [0u8; 16];
+    for (i, b) in seed.iter_mut().enumerate() {
+        *b = u8::from_str_radix(sha.get(2 * i..2 * i + 2).unwrap_or("00"), 16).unwrap_or(0);
+    }
+    let uuid = uuid::Builder::from_random_bytes(seed).into_uuid();
+    let f = super::verity_file::format(root, salt, uuid).map_err(|e| ImageError::Io {
+        what: format!("the dm-verity tree of {}", root.display()),
+        source: std::io::Error::other(e),
+    })?;
+    Ok(manifest::Verity {
+        root_hash: f.root_hash.to_string(),
+        salt: f.salt.to_string(),
+        data_size: f.data_size,
+        hash_offset: f.hash_offset,
+    })
 }
 
 /// What the root image says about updates, for keel-agent to read at start: the keys it trusts
@@ -964,6 +1001,7 @@ pub fn build(inputs: &ReleaseInputs, out: &Path) -> Result<Release, ImageError> 
     if inputs.broken == Some(Broken::CorruptSquashfs) {
         corrupt_superblock(&root)?;
     }
+    let verity = append_verity(&root)?;
     let (root_sha256, root_len) = sha256_file(&root)?;
     let sha_file = out.join(format!("{ROOT_FILE}.sha256"));
     std::fs::write(&sha_file, format!("{root_sha256}  {ROOT_FILE}\n"))
@@ -993,6 +1031,7 @@ pub fn build(inputs: &ReleaseInputs, out: &Path) -> Result<Release, ImageError> 
         trusted_keys: inputs.trust.iter().map(|k| k.id().to_string()).collect(),
         signed_by: inputs.signer.as_ref().map(|s| s.public().id().to_string()),
         delta,
+        verity: Some(verity),
         modules: mods,
         slot_boot,
         broken: inputs.broken,

@@ -630,37 +630,10 @@ enum VerityCmd {
     },
 }
 
-/// Reads of the data go in chunks of this size: memory stays bounded by the tree.
-const VERITY_CHUNK: usize = 1 << 20;
-
-/// Feeds the first `len` bytes of `file` to `each` in chunks of [`VERITY_CHUNK`]; returns how
-/// many bytes there were (fewer than `len` when the file is shorter).
-fn read_chunks(
-    file: &std::fs::File,
-    len: u64,
-    name: &std::path::Path,
-    mut each: impl FnMut(&[u8]) -> Result<(), String>,
-) -> Result<u64, String> {
-    use std::io::Read;
-    let mut buf = vec![0u8; VERITY_CHUNK];
-    let mut r = file.take(len);
-    let mut read = 0u64;
-    loop {
-        let n = r
-            .read(&mut buf)
-            .map_err(|e| format!("cannot read {}: {e}", name.display()))?;
-        if n == 0 {
-            return Ok(read);
-        }
-        each(&buf[..n])?;
-        read += n as u64;
-    }
-}
-
 fn verity_cmd(cmd: VerityCmd) -> Result<(), String> {
-    use keelos::verity::{self, Layout, RootHash, Salt, Superblock, TreeBuilder, Verifier};
+    use keelos::image::verity_file;
+    use keelos::verity::{RootHash, Salt};
     use std::io::Read;
-    use std::os::unix::fs::FileExt;
 
     match cmd {
         VerityCmd::Format {
@@ -680,62 +653,16 @@ fn verity_cmd(cmd: VerityCmd) -> Result<(), String> {
                 }
             };
             let uuid = uuid.unwrap_or_else(uuid::Uuid::new_v4);
-            let file = std::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .open(&image)
-                .map_err(|e| format!("cannot open {}: {e}", image.display()))?;
-            let len = file.metadata().map_err(|e| e.to_string())?.len();
-            if let Some(l) = Layout::from_appended_size(len) {
-                let mut sb = [0u8; verity::SUPERBLOCK_SIZE];
-                if file.read_exact_at(&mut sb, l.data_size()).is_ok()
-                    && Superblock::parse(&sb).is_ok_and(|s| s.data_blocks == l.data_blocks())
-                {
-                    return Err(format!(
-                        "{} already ends with a dm-verity superblock and tree (hash offset {}); \
-                         formatting again would hash them as data",
-                        image.display(),
-                        l.data_size()
-                    ));
-                }
-            }
-            let hash_offset = verity::padded_data_size(len);
-            let mut builder = TreeBuilder::new(salt.clone());
-            let read = read_chunks(&file, len, &image, |c| {
-                builder.push(c);
-                Ok(())
-            })?;
-            if read != len {
-                return Err(format!(
-                    "{} changed size while it was read ({read} of {len} bytes)",
-                    image.display()
-                ));
-            }
-            let pad = vec![0u8; (hash_offset - len) as usize];
-            builder.push(&pad);
-            let tree = builder.finish().map_err(|e| e.to_string())?;
-            let sb = Superblock {
-                uuid,
-                data_blocks: tree.layout().data_blocks(),
-                salt: salt.clone(),
-            };
-            let mut tail = pad;
-            tail.extend_from_slice(&sb.to_bytes());
-            tail.resize(tail.len() + verity::BLOCK_SIZE - verity::SUPERBLOCK_SIZE, 0);
-            tail.extend_from_slice(tree.bytes());
-            file.write_all_at(&tail, len)
-                .and_then(|()| file.sync_all())
-                .map_err(|e| format!("cannot write the hash tree to {}: {e}", image.display()))?;
-            let l = tree.layout();
+            let f = verity_file::format(&image, salt, uuid)?;
             let report = serde_json::json!({
-                "root_hash": tree.root_hash().to_string(),
-                "salt": salt.to_string(),
-                "uuid": uuid.to_string(),
-                "data_size": l.data_size(),
-                "hash_offset": hash_offset,
-                "data_blocks": l.data_blocks(),
-                "hash_blocks": l.tree_blocks(),
-                "image_size": l.appended_size(),
+                "root_hash": f.root_hash.to_string(),
+                "salt": f.salt.to_string(),
+                "uuid": f.uuid.to_string(),
+                "data_size": f.data_size,
+                "hash_offset": f.hash_offset,
+                "data_blocks": f.data_blocks,
+                "hash_blocks": f.hash_blocks,
+                "image_size": f.image_size,
             });
             if json {
                 println!("{report}");
@@ -755,56 +682,8 @@ fn verity_cmd(cmd: VerityCmd) -> Result<(), String> {
             hash_offset,
         } => {
             let root = RootHash::from_hex(&root_hash).map_err(|e| e.to_string())?;
-            let file = std::fs::File::open(&image)
-                .map_err(|e| format!("cannot open {}: {e}", image.display()))?;
-            let len = file.metadata().map_err(|e| e.to_string())?.len();
-            let hash_offset = match hash_offset {
-                Some(o) => o,
-                None => Layout::from_appended_size(len)
-                    .ok_or_else(|| {
-                        format!(
-                            "{} ({len} bytes) is not padded data + superblock + tree of any data \
-                             size: pass --hash-offset",
-                            image.display()
-                        )
-                    })?
-                    .data_size(),
-            };
-            // short when the offset is near or past the end: parse then says so
-            let sb_len = len
-                .saturating_sub(hash_offset)
-                .min(verity::SUPERBLOCK_SIZE as u64);
-            let mut sb = vec![0u8; sb_len as usize];
-            file.read_exact_at(&mut sb, hash_offset)
-                .map_err(|e| format!("cannot read {}: {e}", image.display()))?;
-            let sb = Superblock::parse(&sb)
-                .map_err(|e| format!("{} at byte {hash_offset}: {e}", image.display()))?;
-            let layout = sb.layout().map_err(|e| e.to_string())?;
-            if layout.data_size() > hash_offset {
-                return Err(format!(
-                    "the superblock at byte {hash_offset} describes {} bytes of data, which overlap it",
-                    layout.data_size()
-                ));
-            }
-            let tree_at = verity::tree_offset(hash_offset);
-            if tree_at + layout.tree_size() > len {
-                return Err(format!(
-                    "{} is {len} bytes; its hash tree needs bytes {tree_at} to {}: it is truncated",
-                    image.display(),
-                    tree_at + layout.tree_size()
-                ));
-            }
-            let mut tree = vec![0u8; layout.tree_size() as usize];
-            file.read_exact_at(&mut tree, tree_at)
-                .map_err(|e| format!("cannot read {}: {e}", image.display()))?;
-            let data_blocks = layout.data_blocks();
-            let mut v =
-                Verifier::new(layout.clone(), sb.salt, &tree, root).map_err(|e| e.to_string())?;
-            read_chunks(&file, layout.data_size(), &image, |c| {
-                v.push(c).map_err(|e| e.to_string())
-            })?;
-            v.finish().map_err(|e| e.to_string())?;
-            println!("ok: {data_blocks} data blocks and the hash tree match root hash {root}");
+            let blocks = verity_file::verify(&image, &root, hash_offset)?;
+            println!("ok: {blocks} data blocks and the hash tree match root hash {root}");
             Ok(())
         }
     }
