@@ -211,15 +211,20 @@ enum ModelSlot {
     Failed {
         prio: u8,
     },
+    /// Marked successful; `unhealthy` boots since it last reached health.
     Good {
         prio: u8,
+        unhealthy: u8,
     },
 }
 
 impl ModelSlot {
     fn of(fl: BootFlags) -> Self {
         match (fl.successful(), fl.priority(), fl.tries()) {
-            (true, p, _) => ModelSlot::Good { prio: p },
+            (true, p, t) => ModelSlot::Good {
+                prio: p,
+                unhealthy: t,
+            },
             (false, 0, _) => ModelSlot::Invalid,
             (false, p, 0) => ModelSlot::Failed { prio: p },
             (false, p, t) => ModelSlot::Trying { prio: p, tries: t },
@@ -227,7 +232,7 @@ impl ModelSlot {
     }
     fn rank(self) -> Option<u8> {
         match self {
-            ModelSlot::Trying { prio, .. } | ModelSlot::Good { prio } => Some(prio),
+            ModelSlot::Trying { prio, .. } | ModelSlot::Good { prio, .. } => Some(prio),
             _ => None,
         }
     }
@@ -283,6 +288,18 @@ impl Model {
             (None, None) => None,
         }
     }
+    /// The slot a boot runs: the preferred one, unless it is a successful slot whose last 3
+    /// boots missed health and the other slot is bootable and not in the same state.
+    fn boot_choice(&self) -> Option<Slot> {
+        let p = self.choose()?;
+        let stuck = |s: ModelSlot| matches!(s, ModelSlot::Good { unhealthy, .. } if unhealthy >= 3);
+        let other = self.slots[Model::idx(p.other())];
+        if stuck(self.slots[Model::idx(p)]) && other.rank().is_some() && !stuck(other) {
+            Some(p.other())
+        } else {
+            Some(p)
+        }
+    }
 }
 
 /// Apply one flag change on the disk, possibly with a power cut; returns whether it took effect.
@@ -319,7 +336,10 @@ fn run_sequence(ops: &[Op]) {
     // the image tool's first install: slot A activated and booted successfully
     store::update(&mut dev, |f| bootctl::activate(f, Slot::A, None, 1)).expect("activate");
     store::update(&mut dev, |f| bootctl::mark_successful(f, Slot::A)).expect("mark");
-    model.slots[0] = ModelSlot::Good { prio: 2 };
+    model.slots[0] = ModelSlot::Good {
+        prio: 2,
+        unhealthy: 0,
+    };
     model.running = Some(Slot::A);
     let mut crash: Option<(u8, u64)> = None;
     for (step, op) in ops.iter().enumerate() {
@@ -348,7 +368,7 @@ fn run_sequence(ops: &[Op]) {
             }
             Op::BootOk | Op::BootFails | Op::MountFails => {
                 let (_, flags) = store::load(&dev).expect("load");
-                let want = model.choose();
+                let want = model.boot_choice();
                 let got = bootctl::choose_boot(flags).ok().map(|c| c.slot);
                 assert_eq!(got, want, "boot choice disagrees with the model at {ctx}");
                 let Some(s) = got else {
