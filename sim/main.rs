@@ -1381,7 +1381,15 @@ fn signed_releases_refuse_bad_signatures_and_older_releases() {
         let disk = lock(&node.dev.disk);
         let now =
             keelos::block::read_vec(&*disk, 0, images().disk.len()).map_err(|e| e.to_string())?;
-        if disk.durable() != images().disk || now != images().disk {
+        // the node's one boot changed its flags (the successful slot's count of boots until
+        // health); nothing else may differ from the factory disk
+        let mut booted = keelos::block::MemDevice::from_bytes(
+            images().disk.clone(),
+            keelos::block::BlockDevice::sector_size(&*disk),
+        );
+        keelos::bootctl::store::boot(&mut booted).map_err(|e| e.to_string())?;
+        let booted = booted.into_bytes();
+        if disk.durable() != booted || now != booted {
             return Err(format!("{published:?}: refused, but the disk changed"));
         }
         if lock(&node.store).value.is_some() {
