@@ -258,9 +258,8 @@ pub fn choose_boot(flags: SlotFlags) -> Result<BootChoice, FlagError> {
         let other = flags.get(slot.other());
         // an other slot that is itself a successful slot at its limit is no way out: the two
         // would trade places on every boot
-        let other_ok =
-            other.bootable() && !(other.successful() && other.tries() >= MAX_UNHEALTHY_BOOTS);
-        if f.tries() >= MAX_UNHEALTHY_BOOTS && other_ok {
+        let at_limit = |f: BootFlags| f.successful() && f.tries() >= MAX_UNHEALTHY_BOOTS;
+        if at_limit(f) && other.bootable() && !at_limit(other) {
             let demoted = flags
                 .with(slot, f.with_priority(1).with_tries(0))
                 .with(slot.other(), other.with_priority(2));

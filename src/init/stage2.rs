@@ -189,27 +189,27 @@ fn agent_serving(addr: Option<SocketAddr>) -> bool {
     addr.is_some_and(|a| TcpStream::connect_timeout(&a, Duration::from_millis(300)).is_ok())
 }
 
-/// Mark the running slot successful on the boot disk.
+/// Mark the running slot successful on the boot disk; for a slot that already is, clear its count
+/// of boots without health (`bootctl::mark_successful` does both). Nothing is written when there
+/// is nothing to change.
 fn mark_successful(disk: &Path, slot: Slot) -> Result<String, String> {
     let mut dev = open_disk(disk, true).map_err(|e| e.to_string())?;
     let (_, flags) = store::load(&dev).map_err(|e| e.to_string())?;
-    if flags.get(slot).successful() {
-        if bootctl::healthy_again(flags, slot).is_none() {
-            return Ok(format!("slot {slot} was already marked successful"));
-        }
-        let (_, f) = store::update(&mut dev, |f| {
-            Ok(bootctl::healthy_again(f, slot).unwrap_or(f))
-        })
-        .map_err(|e| e.to_string())?;
-        return Ok(format!(
-            "slot {slot} was already marked successful; its count of boots without health is \
-             back to 0 ({})",
-            f.get(slot)
-        ));
+    let was = flags.get(slot);
+    if was.successful() && bootctl::healthy_again(flags, slot).is_none() {
+        return Ok(format!("slot {slot} was already marked successful"));
     }
     let (_, f) = store::update(&mut dev, |f| bootctl::mark_successful(f, slot))
         .map_err(|e| e.to_string())?;
-    Ok(format!("slot {slot} marked successful ({})", f.get(slot)))
+    Ok(if was.successful() {
+        format!(
+            "slot {slot} was already marked successful; its count of boots without health is \
+             back to 0 ({})",
+            f.get(slot)
+        )
+    } else {
+        format!("slot {slot} marked successful ({})", f.get(slot))
+    })
 }
 
 /// Record the slot stage 1 mounted for keel-agent (see [`crate::control::boot`]), before any
