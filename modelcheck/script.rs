@@ -200,6 +200,7 @@ pub fn engine_steps(key: ScriptKey) -> Vec<Step> {
             version: "1".into(),
             length: v1.len() as u64,
             sha256: Sha256::digest(&v1).into(),
+            verity: None,
         };
         w.write_at(record::offset(a.len), &rec.encode())
             .expect("record a");

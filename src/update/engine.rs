@@ -328,6 +328,64 @@ enum Stage {
     Failed,
 }
 
+/// Finds the dm-verity parameters of an image with an appended superblock and tree
+/// (`[data][superblock][tree]`, see [`crate::verity`]) in the bytes of the read-back: the
+/// superblock gives the salt, the tree's first block (its top level) gives the root hash. Both
+/// come from bytes whose SHA-256 the read-back checks against the expected digest (signed, in a
+/// release), so the root hash is exactly as trustworthy as the image's digest, and the record
+/// gets it only when that digest matched (the probe's result is used only on the way to
+/// [`Stage::WriteRecord`]). An image without a tree (a development image) gets no verity.
+struct VerityProbe {
+    layout: crate::verity::Layout,
+    superblock: Option<Vec<u8>>,
+    top: Option<Vec<u8>>,
+}
+
+impl VerityProbe {
+    fn new(image_len: u64) -> Option<Self> {
+        let layout = crate::verity::Layout::from_appended_size(image_len)?;
+        // a single data block has no tree to hand to the kernel's target; images are larger
+        (layout.levels() > 0).then_some(VerityProbe {
+            layout,
+            superblock: None,
+            top: None,
+        })
+    }
+
+    /// Take what it needs from `chunk`, which starts at image offset `pos`.
+    fn see(&mut self, pos: u64, chunk: &[u8]) {
+        let sb_at = self.layout.data_size();
+        let top_at = sb_at + crate::verity::BLOCK_SIZE as u64;
+        let block = crate::verity::BLOCK_SIZE;
+        let grab = |at: u64, len: usize| -> Option<Vec<u8>> {
+            let start = at.checked_sub(pos)? as usize;
+            chunk
+                .get(start..start.checked_add(len)?)
+                .map(<[u8]>::to_vec)
+        };
+        if self.superblock.is_none() {
+            self.superblock = grab(sb_at, crate::verity::SUPERBLOCK_SIZE);
+        }
+        if self.top.is_none() {
+            self.top = grab(top_at, block);
+        }
+    }
+
+    fn finish(self) -> Option<record::SlotVerity> {
+        let sb = crate::verity::Superblock::parse(self.superblock.as_deref()?).ok()?;
+        if sb.data_blocks != self.layout.data_blocks() {
+            return None;
+        }
+        let root = crate::verity::root_hash_of_top_block(&sb.salt, self.top.as_deref()?);
+        Some(record::SlotVerity {
+            data_size: self.layout.data_size(),
+            hash_offset: self.layout.data_size(),
+            root_hash: root.0,
+            salt: sb.salt.as_bytes().to_vec(),
+        })
+    }
+}
+
 /// One install. See the module documentation for the call order.
 pub struct Install {
     plan: InstallPlan,
@@ -352,6 +410,8 @@ pub struct Install {
     /// (input offset, image offset) where a resume may start, newest last.
     resume_points: Vec<(u64, u64)>,
     last_checkpoint: Option<Checkpoint>,
+    /// Looks for a dm-verity superblock and tree in the bytes the read-back verifies.
+    verity_probe: Option<VerityProbe>,
     // delta
     patch: Vec<u8>,
     patcher: Option<Patcher>,
@@ -430,6 +490,7 @@ impl Install {
             decoder: None,
             decoder_base: 0,
             resume_points: Vec::new(),
+            verity_probe: None,
             last_checkpoint: None,
             patch: Vec::new(),
             patcher: None,
@@ -753,6 +814,7 @@ impl Install {
                     version: self.plan.version.clone(),
                     length: self.image_pos,
                     sha256: self.expected,
+                    verity: self.verity_probe.take().and_then(VerityProbe::finish),
                 };
                 let offset = record::offset(self.plan.target_len);
                 self.ask(
@@ -858,6 +920,7 @@ impl Install {
             }
             (Wait::Flush, Event::FlushDone, Stage::EndFlush) => {
                 self.durable = self.image_pos;
+                self.verity_probe = VerityProbe::new(self.image_pos);
                 self.progress(Phase::Verifying, 0, Some(self.image_pos));
                 self.stage = Stage::ReadBack {
                     pos: 0,
@@ -887,6 +950,9 @@ impl Install {
                     )));
                 }
                 hasher.update(&b);
+                if let Some(p) = self.verity_probe.as_mut() {
+                    p.see(pos, &b);
+                }
                 let pos = pos + b.len() as u64;
                 if pos.is_multiple_of(64 << 20) || pos == self.image_pos {
                     self.progress(Phase::Verifying, pos, Some(self.image_pos));

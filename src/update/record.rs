@@ -1,4 +1,5 @@
-//! Slot image records: what each root slot holds (version, length, SHA-256).
+//! Slot image records: what each root slot holds (version, length, SHA-256, and the dm-verity
+//! parameters when the image carries a hash tree).
 //!
 //! A record lives in the last 4 KiB of its own root partition, outside the image (an image may
 //! use at most the partition's length minus 4 KiB). Keeping it with the slot means keel-init,
@@ -13,7 +14,9 @@ use serde::Serialize;
 
 pub const RECORD_SIZE: u64 = 4096;
 const MAGIC: &[u8; 8] = b"KEELSLOT";
-const FORMAT: u32 = 1;
+/// Format 1: version, length, SHA-256. Format 2 adds the dm-verity parameters; both are read.
+const FORMAT_V1: u32 = 1;
+const FORMAT: u32 = 2;
 /// The longest version string a record holds.
 pub const MAX_VERSION: usize = 255;
 
@@ -24,6 +27,28 @@ pub struct SlotRecord {
     pub length: u64,
     #[serde(serialize_with = "ser_hex")]
     pub sha256: [u8; 32],
+    /// The image's dm-verity tree, when it carries one (found by the engine in the bytes it
+    /// verified: see [`SlotVerity`]).
+    pub verity: Option<SlotVerity>,
+}
+
+/// Where a slot's dm-verity tree is and what its root hash is: what the boot stage and the
+/// slot's initramfs need to map the slot through the kernel's verity target. The image is
+/// `[data][superblock][tree]` (veritysetup's format with a superblock, see [`crate::verity`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SlotVerity {
+    /// Bytes of data the tree covers (a multiple of 4096).
+    pub data_size: u64,
+    /// Where the superblock starts; the tree follows at the next 4096-byte block.
+    pub hash_offset: u64,
+    #[serde(serialize_with = "ser_hex")]
+    pub root_hash: [u8; 32],
+    #[serde(serialize_with = "ser_hex_vec")]
+    pub salt: Vec<u8>,
+}
+
+fn ser_hex_vec<S: serde::Serializer>(d: &[u8], s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&hex(d))
 }
 
 fn ser_hex<S: serde::Serializer>(d: &[u8; 32], s: S) -> Result<S::Ok, S::Error> {
@@ -74,6 +99,18 @@ impl SlotRecord {
         let v = &self.version.as_bytes()[..self.version.len().min(MAX_VERSION)];
         b.extend_from_slice(&(v.len() as u16).to_le_bytes());
         b.extend_from_slice(v);
+        match &self.verity {
+            None => b.push(0),
+            Some(v) => {
+                b.push(1);
+                b.extend_from_slice(&v.data_size.to_le_bytes());
+                b.extend_from_slice(&v.hash_offset.to_le_bytes());
+                b.extend_from_slice(&v.root_hash);
+                let salt = &v.salt[..v.salt.len().min(crate::verity::MAX_SALT_SIZE)];
+                b.extend_from_slice(&(salt.len() as u16).to_le_bytes());
+                b.extend_from_slice(salt);
+            }
+        }
         let crc = crc32fast::hash(&b);
         b.extend_from_slice(&crc.to_le_bytes());
         b.resize(RECORD_SIZE as usize, 0);
@@ -82,10 +119,11 @@ impl SlotRecord {
 
     /// `None` for anything that is not a whole, intact record (zeroes, a torn write, garbage).
     pub fn decode(b: &[u8]) -> Option<SlotRecord> {
-        if b.len() < 62
-            || &b[..8] != MAGIC
-            || u32::from_le_bytes(b[8..12].try_into().ok()?) != FORMAT
-        {
+        if b.len() < 62 || &b[..8] != MAGIC {
+            return None;
+        }
+        let format = u32::from_le_bytes(b[8..12].try_into().ok()?);
+        if format != FORMAT && format != FORMAT_V1 {
             return None;
         }
         let length = u64::from_le_bytes(b[12..20].try_into().ok()?);
@@ -94,16 +132,42 @@ impl SlotRecord {
         if vlen > MAX_VERSION || 54 + vlen + 4 > b.len() {
             return None;
         }
-        let end = 54 + vlen;
-        let crc = u32::from_le_bytes(b[end..end + 4].try_into().ok()?);
+        let mut end = 54 + vlen;
+        let version = String::from_utf8(b[54..end].to_vec()).ok()?;
+        let mut verity = None;
+        if format == FORMAT {
+            match *b.get(end)? {
+                0 => end += 1,
+                1 => {
+                    let at = |i: usize, n: usize| b.get(end + i..end + i + n);
+                    let data_size = u64::from_le_bytes(at(1, 8)?.try_into().ok()?);
+                    let hash_offset = u64::from_le_bytes(at(9, 8)?.try_into().ok()?);
+                    let root_hash: [u8; 32] = at(17, 32)?.try_into().ok()?;
+                    let slen = u16::from_le_bytes(at(49, 2)?.try_into().ok()?) as usize;
+                    if slen > crate::verity::MAX_SALT_SIZE {
+                        return None;
+                    }
+                    let salt = at(51, slen)?.to_vec();
+                    end += 51 + slen;
+                    verity = Some(SlotVerity {
+                        data_size,
+                        hash_offset,
+                        root_hash,
+                        salt,
+                    });
+                }
+                _ => return None,
+            }
+        }
+        let crc = u32::from_le_bytes(b.get(end..end + 4)?.try_into().ok()?);
         if crc != crc32fast::hash(&b[..end]) {
             return None;
         }
-        let version = String::from_utf8(b[54..end].to_vec()).ok()?;
         Some(SlotRecord {
             version,
             length,
             sha256,
+            verity,
         })
     }
 }
@@ -114,7 +178,18 @@ pub fn read<D: BlockDevice + ?Sized>(slot: &D) -> Result<Option<SlotRecord>, Blo
         return Ok(None);
     }
     let b = crate::block::read_vec(slot, offset(slot.len()), RECORD_SIZE as usize)?;
-    Ok(SlotRecord::decode(&b).filter(|r| r.length <= capacity(slot.len())))
+    Ok(SlotRecord::decode(&b).filter(|r| {
+        r.length <= capacity(slot.len())
+            && r.verity.as_ref().is_none_or(|v| {
+                // the data and the superblock lie inside the image
+                v.data_size.is_multiple_of(4096)
+                    && v.data_size > 0
+                    && v.data_size <= v.hash_offset
+                    && v.hash_offset
+                        .checked_add(4096)
+                        .is_some_and(|e| e <= r.length)
+            })
+    }))
 }
 
 #[cfg(test)]
@@ -127,6 +202,7 @@ mod tests {
             version: "1.2.3".into(),
             length: 12345,
             sha256: [7; 32],
+            verity: None,
         };
         let b = r.encode();
         assert_eq!(b.len(), 4096);
@@ -136,6 +212,54 @@ mod tests {
         assert_eq!(SlotRecord::decode(&torn), None);
         assert_eq!(SlotRecord::decode(&[0; 4096]), None);
         assert_eq!(SlotRecord::decode(b"KEELSLOT"), None);
+    }
+
+    #[test]
+    fn verity_parameters_round_trip_and_every_flipped_byte_is_refused() {
+        let r = SlotRecord {
+            version: "2.0.0".into(),
+            length: 3 * 4096 + 8192,
+            sha256: [9; 32],
+            verity: Some(SlotVerity {
+                data_size: 3 * 4096,
+                hash_offset: 3 * 4096,
+                root_hash: [0xA5; 32],
+                salt: vec![1, 2, 3, 4, 5],
+            }),
+        };
+        let b = r.encode();
+        assert_eq!(SlotRecord::decode(&b), Some(r.clone()));
+        let used = 8 + 4 + 8 + 32 + 2 + 5 + 1 + 8 + 8 + 32 + 2 + 5 + 4;
+        assert!(b[used..].iter().all(|&x| x == 0));
+        for i in 0..used {
+            let mut bad = b.clone();
+            bad[i] ^= 0x10;
+            assert_eq!(SlotRecord::decode(&bad), None, "byte {i} flipped");
+        }
+    }
+
+    #[test]
+    fn a_format_1_record_still_reads_without_verity() {
+        // format 1 as earlier releases wrote it: no verity byte before the CRC
+        let mut b = Vec::new();
+        b.extend_from_slice(MAGIC);
+        b.extend_from_slice(&FORMAT_V1.to_le_bytes());
+        b.extend_from_slice(&777u64.to_le_bytes());
+        b.extend_from_slice(&[3; 32]);
+        b.extend_from_slice(&5u16.to_le_bytes());
+        b.extend_from_slice(b"1.0.0");
+        let crc = crc32fast::hash(&b);
+        b.extend_from_slice(&crc.to_le_bytes());
+        b.resize(4096, 0);
+        assert_eq!(
+            SlotRecord::decode(&b),
+            Some(SlotRecord {
+                version: "1.0.0".into(),
+                length: 777,
+                sha256: [3; 32],
+                verity: None,
+            })
+        );
     }
 
     #[test]

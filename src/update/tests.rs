@@ -90,6 +90,66 @@ pub(crate) fn running_v1<D: BlockDevice>(dev: &mut D, v1: &[u8]) {
 }
 
 #[test]
+fn an_image_with_a_verity_tree_gets_its_root_hash_in_the_record_and_one_without_gets_none() {
+    use crate::verity::{Salt, Superblock, TreeBuilder};
+    // 200 data blocks: two levels of tree (level 0 of 2 blocks, the top of 1)
+    let data = image(5, 200 * 4096);
+    let salt = Salt::new(&[0x5A; 32]).unwrap();
+    let mut b = TreeBuilder::new(salt.clone());
+    b.push(&data);
+    let tree = b.finish().unwrap();
+    assert_eq!(tree.layout().levels(), 2);
+    let sb = Superblock {
+        uuid: uuid::Uuid::from_bytes([1; 16]),
+        data_blocks: 200,
+        salt: salt.clone(),
+    };
+    let mut img = data.clone();
+    let mut sb_block = sb.to_bytes().to_vec();
+    sb_block.resize(4096, 0);
+    img.extend_from_slice(&sb_block);
+    img.extend_from_slice(tree.bytes());
+
+    let mut dev = MemDevice::new(8 * MIB, 512);
+    new_disk(&mut dev);
+    let slot = install(
+        &mut dev,
+        req(&img, img.len()),
+        inputs(img.clone(), None),
+        &mut MemStore::default(),
+    )
+    .unwrap()
+    .slot;
+    let l = disk::open(&dev).unwrap();
+    let w = disk::partition_window(&mut dev, l.root(slot)).unwrap();
+    let rec = record::read(&w).unwrap().unwrap();
+    assert_eq!(
+        rec.verity,
+        Some(record::SlotVerity {
+            data_size: 200 * 4096,
+            hash_offset: 200 * 4096,
+            root_hash: tree.root_hash().0,
+            salt: salt.as_bytes().to_vec(),
+        })
+    );
+
+    // the same length without a superblock where one belongs: no verity
+    let mut plain = img.clone();
+    plain[200 * 4096] ^= 0xFF;
+    let mut dev = MemDevice::new(8 * MIB, 512);
+    new_disk(&mut dev);
+    install(
+        &mut dev,
+        req(&plain, plain.len()),
+        inputs(plain.clone(), None),
+        &mut MemStore::default(),
+    )
+    .unwrap();
+    let w = disk::partition_window(&mut dev, l.root(slot)).unwrap();
+    assert_eq!(record::read(&w).unwrap().unwrap().verity, None);
+}
+
+#[test]
 fn full_install_raw_and_compressed() {
     let v1 = image(1, 300_000);
     let v2 = image(2, 400_000);

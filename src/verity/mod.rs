@@ -195,6 +195,13 @@ impl std::fmt::Display for RootHash {
 }
 
 /// SHA-256 of `salt` followed by `block`: format version 1's hash of every data and hash block.
+/// The root hash of a tree whose top-level hash block is `top` (the first block after the
+/// superblock in the appended layout): its salted digest. Only as trustworthy as `top`: use it
+/// on bytes whose digest was checked against a trusted one.
+pub fn root_hash_of_top_block(salt: &Salt, top: &[u8]) -> RootHash {
+    RootHash(salted_digest(salt, top))
+}
+
 fn salted_digest(salt: &Salt, block: &[u8]) -> [u8; DIGEST_SIZE] {
     let mut h = Sha256::new();
     h.update(&salt.0);
