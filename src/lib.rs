@@ -11,6 +11,7 @@ pub mod bootctl;
 pub mod config;
 pub mod control;
 pub mod disk;
+pub mod dm;
 pub mod fetch;
 pub mod image;
 pub mod init;

@@ -152,6 +152,7 @@ fn a_slot_that_does_not_mount_is_marked_failed_and_the_other_boots() {
             Slot::B,
             &mnt,
             Path::new(SYS_BLOCK),
+            None,
         )
         .unwrap_err();
         println!("slot b from {dev} did not mount: {err}");
@@ -182,6 +183,7 @@ fn a_slot_that_does_not_mount_is_marked_failed_and_the_other_boots() {
             Slot::A,
             &mnt,
             Path::new(SYS_BLOCK),
+            None,
         )
         .unwrap();
         drop(c);
@@ -217,6 +219,7 @@ fn a_good_new_slot_boots_with_its_try_spent_and_state_is_set_up() {
             Slot::B,
             &root_dir,
             Path::new(SYS_BLOCK),
+            None,
         )
         .unwrap();
         assert_eq!(std::fs::read_to_string(root_dir.join("slot")).unwrap(), "B");

@@ -238,6 +238,52 @@ fn parse_lockdown(text: &str) -> String {
         .to_string()
 }
 
+/// Whether the root file system is read through dm-verity, in words: "on (DEVICE, STATE)" or
+/// "off (the root is DEVICE)"; empty when the root's mount cannot be found.
+fn root_verity() -> String {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let Some(source) = root_source(&info) else {
+        return String::new();
+    };
+    let dev = source.strip_prefix("/dev/").unwrap_or(&source);
+    let name = crate::dm::name_of(std::path::Path::new("/sys/block"), dev);
+    let status = name
+        .as_deref()
+        .map(|n| crate::dm::status(n).map_err(|e| e.to_string()));
+    verity_words(&source, name.as_deref(), status)
+}
+
+/// The source device of the mount at `/` in a mountinfo text (the last such line: the one in
+/// effect).
+fn root_source(mountinfo: &str) -> Option<String> {
+    mountinfo.lines().rev().find_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        let sep = f.iter().position(|w| *w == "-")?;
+        (f.get(4) == Some(&"/")).then(|| f.get(sep + 2).map(|s| s.to_string()))?
+    })
+}
+
+fn verity_words(
+    source: &str,
+    dm_name: Option<&str>,
+    status: Option<Result<Vec<crate::dm::Target>, String>>,
+) -> String {
+    let (Some(name), Some(status)) = (dm_name, status) else {
+        return format!("off (the root is {source}, not a device-mapper device)");
+    };
+    match status {
+        Err(e) => format!("unknown ({source} is {name}: {e})"),
+        Ok(t) => match t.as_slice() {
+            [one] if one.kind == "verity" => match one.params.trim() {
+                "V" => format!("on ({name}: every block read so far matched its tree)"),
+                "C" => format!("on ({name}: CORRUPTED, a block did not match its tree)"),
+                other => format!("on ({name}: {other})"),
+            },
+            _ => format!("off ({source} is {name}, which is not a verity device)"),
+        },
+    }
+}
+
 /// The running kernel's release (uname -r), empty if uname(2) fails.
 fn kernel_release() -> String {
     nix::sys::utsname::uname()
@@ -594,6 +640,7 @@ impl<D: NodeDisk, C: Connect> Agent<D, C> {
             last_rollback: self.last_rollback().await,
             update_trust: self.trust.describe(),
             lockdown: lockdown_mode(),
+            verity: root_verity(),
         })
     }
 
@@ -1020,6 +1067,40 @@ mod tests {
             sha256: sha.into(),
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn the_root_verity_state_is_read_from_the_root_mount_and_the_target_status() {
+        let info = "22 1 0:20 / / ro,relatime - squashfs /dev/vda3 ro\n\
+                    23 22 0:21 / /proc rw - proc proc rw\n\
+                    30 1 254:0 / / ro,relatime - squashfs /dev/dm-0 ro\n";
+        assert_eq!(root_source(info).as_deref(), Some("/dev/dm-0"));
+        assert_eq!(root_source("23 22 0:21 / /proc rw - proc proc rw\n"), None);
+        let t = |kind: &str, params: &str| crate::dm::Target {
+            start: 0,
+            length: 8,
+            kind: kind.into(),
+            params: params.into(),
+        };
+        assert_eq!(
+            verity_words(
+                "/dev/dm-0",
+                Some("keel-root-a"),
+                Some(Ok(vec![t("verity", "V")]))
+            ),
+            "on (keel-root-a: every block read so far matched its tree)"
+        );
+        assert!(verity_words(
+            "/dev/dm-0",
+            Some("keel-root-a"),
+            Some(Ok(vec![t("verity", "C")]))
+        )
+        .contains("CORRUPTED"));
+        assert!(verity_words("/dev/vda3", None, None).starts_with("off (the root is /dev/vda3"));
+        assert!(
+            verity_words("/dev/dm-1", Some("x"), Some(Ok(vec![t("linear", "")])))
+                .starts_with("off")
+        );
     }
 
     #[test]

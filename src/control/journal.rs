@@ -43,16 +43,19 @@ pub enum RefusalReason {
     KernelLoadFailed,
     /// The slot's image has no initramfs.
     InitramfsMissing,
+    /// Blocks of the slot's image do not match its dm-verity tree.
+    VerityCorruption,
 }
 
 impl RefusalReason {
     /// Every reason, in declaration order.
-    pub const ALL: [RefusalReason; 5] = [
+    pub const ALL: [RefusalReason; 6] = [
         RefusalReason::SquashfsMountFailed,
         RefusalReason::KernelMissing,
         RefusalReason::KernelDigestMismatch,
         RefusalReason::KernelLoadFailed,
         RefusalReason::InitramfsMissing,
+        RefusalReason::VerityCorruption,
     ];
 
     /// The name on the kernel command line and in the journal, e.g. "kernel-load-failed".
@@ -63,6 +66,7 @@ impl RefusalReason {
             RefusalReason::KernelDigestMismatch => "kernel-digest-mismatch",
             RefusalReason::KernelLoadFailed => "kernel-load-failed",
             RefusalReason::InitramfsMissing => "initramfs-missing",
+            RefusalReason::VerityCorruption => "verity-corruption",
         }
     }
 
@@ -85,6 +89,10 @@ impl RefusalReason {
                 "the boot stage refused its kernel (kexec_file_load failed)"
             }
             RefusalReason::InitramfsMissing => "the boot stage found no initramfs in its image",
+            RefusalReason::VerityCorruption => {
+                "the boot stage found blocks of its image that do not match the image's \
+                 dm-verity tree (verity corruption)"
+            }
         }
     }
 }
@@ -604,7 +612,7 @@ mod tests {
                 .collect();
             lists.extend(last.iter().cloned());
         }
-        assert_eq!(lists.len(), 1 + 10 + 100 + 1000);
+        assert_eq!(lists.len(), 1 + 12 + 144 + 1728);
         for l in &lists {
             let text = format_refusals(l);
             let (back, warnings) = parse_refusals(&text);

@@ -10,6 +10,8 @@ use super::log;
 use crate::block::{BlockDevice, BlockError, FileDevice};
 use crate::bootctl::{self, store, store::StoreError, Slot};
 use crate::disk::{Layout, Partition};
+use crate::dm;
+use crate::update::record::SlotVerity;
 use nix::mount::MsFlags;
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
@@ -369,7 +371,24 @@ pub fn read_flags(disk: &Path) -> Result<(FileDevice, Layout, bootctl::SlotFlags
     Ok((dev, layout, flags))
 }
 
-/// Mount `slot`'s SquashFS read-only on `target`. On failure: the device tried, and why.
+/// The dm-verity parameters in `slot`'s record, if its record has them (an image built without
+/// a tree, or a record that cannot be read, has none: the slot mounts without verity).
+pub fn slot_verity(dev: &FileDevice, layout: &Layout, slot: Slot) -> Option<SlotVerity> {
+    crate::update::driver::read_record(dev, layout, slot)
+        .ok()
+        .flatten()
+        .and_then(|r| r.verity)
+}
+
+/// The device-mapper name of `slot`'s verity device.
+pub fn dm_name(slot: Slot) -> String {
+    format!("keel-root-{}", slot.letter())
+}
+
+/// Mount `slot`'s SquashFS read-only on `target`: through a dm-verity device made from the
+/// slot's record when `verity` is given (the kernel then checks every block read against the
+/// tree and its root hash), else straight from the partition. On success: the device mounted.
+/// On failure: the device tried, and why; no mapping is left behind.
 pub fn mount_slot(
     disk: &Path,
     layout: &Layout,
@@ -377,28 +396,87 @@ pub fn mount_slot(
     slot: Slot,
     target: &Path,
     sys_block: &Path,
+    verity: Option<(&SlotVerity, dm::OnCorruption)>,
 ) -> Result<PathBuf, (String, String)> {
     let part = layout.root(slot).clone();
     let _ = std::fs::create_dir_all(target);
-    partition_source(disk, &part, sector_size, sys_block, false)
-        .map_err(|e| {
-            (
-                "loop device".to_string(),
-                format!("cannot set up a loop device: {e}"),
-            )
-        })
-        .and_then(|src| {
-            let shown = src.path.display().to_string();
-            nix::mount::mount(
-                Some(&src.path),
-                target,
-                Some("squashfs"),
-                MsFlags::MS_RDONLY | MsFlags::MS_NODEV,
-                None::<&str>,
-            )
-            .map(|()| src.path.clone())
-            .map_err(|e| (shown, e.to_string()))
-        })
+    let src = partition_source(disk, &part, sector_size, sys_block, false).map_err(|e| {
+        (
+            "loop device".to_string(),
+            format!("cannot set up a loop device: {e}"),
+        )
+    })?;
+    let name = dm_name(slot);
+    let dev = match verity {
+        None => src.path.clone(),
+        Some((v, mode)) => {
+            // a mapping left by an earlier attempt in this power-on goes first
+            let _ = dm::remove(&name);
+            let dev = dm::create(&name, &dm::verity_target(&src.path, v, mode)).map_err(|e| {
+                (
+                    src.path.display().to_string(),
+                    format!("cannot map it through dm-verity: {e}"),
+                )
+            })?;
+            wait_for_node(&dev, Duration::from_secs(2));
+            dev
+        }
+    };
+    let shown = if verity.is_some() {
+        format!("{} (verity over {})", dev.display(), src.path.display())
+    } else {
+        dev.display().to_string()
+    };
+    nix::mount::mount(
+        Some(&dev),
+        target,
+        Some("squashfs"),
+        MsFlags::MS_RDONLY | MsFlags::MS_NODEV,
+        None::<&str>,
+    )
+    .map(|()| dev.clone())
+    .map_err(|e| {
+        if verity.is_some() {
+            let _ = dm::remove(&name);
+        }
+        (shown, e.to_string())
+    })
+}
+
+fn wait_for_node(dev: &Path, wait: Duration) {
+    let deadline = std::time::Instant::now() + wait;
+    while !dev.exists() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Unmount a slot mounted by [`mount_slot`] and remove its verity device, if any.
+pub fn unmount_slot(slot: Slot, target: &Path) {
+    let _ = nix::mount::umount(target);
+    let _ = dm::remove(&dm_name(slot));
+}
+
+/// Read all `len` bytes of `dev` (a verity device), so that the kernel checks every block
+/// against the tree. Err: where the first read failed, and why.
+pub fn read_all(dev: &Path, len: u64) -> Result<(), String> {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::File::open(dev).map_err(|e| format!("cannot open {}: {e}", dev.display()))?;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut pos = 0u64;
+    while pos < len {
+        let n = ((len - pos) as usize).min(buf.len());
+        match f.read_at(&mut buf[..n], pos) {
+            Ok(0) => return Err(format!("{} ends at byte {pos} of {len}", dev.display())),
+            Ok(k) => pos += k as u64,
+            Err(e) => {
+                return Err(format!(
+                    "reading {} at byte {pos} of {len} failed: {e}",
+                    dev.display()
+                ))
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Mark `slot` failed (no tries, not successful) so that the boot choice passes it over, unless

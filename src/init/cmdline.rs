@@ -40,6 +40,9 @@ pub struct KernelParams {
     /// `keel.demoted=a`: the boot choice demoted this successful slot (its last boots did not
     /// reach health).
     pub demoted: Option<Slot>,
+    /// `keel.verity=HEX`: the root hash the boot stage mapped this slot with (from the slot's
+    /// record); the slot's own stage 1 maps the root with the same one.
+    pub verity: Option<String>,
 }
 
 /// Split a command line the way the kernel does: whitespace separates, double quotes group.
@@ -147,6 +150,10 @@ pub fn parse_kernel(cmdline: &str) -> (KernelParams, Vec<String>) {
             "keel.demoted" => match value.parse() {
                 Ok(slot) => p.demoted = Some(slot),
                 Err(_) => warn.push(bad("expected a or b")),
+            },
+            "keel.verity" => match crate::update::record::parse_digest(value) {
+                Some(d) => p.verity = Some(crate::update::record::hex(&d)),
+                None => warn.push(bad("expected a 64-hex-digit root hash")),
             },
             k if k.starts_with("keel.") => warn.push(bad("unknown keel parameter")),
             _ => {}

@@ -49,13 +49,14 @@ pub fn execute() -> nix::Error {
 
 /// The `keel.*` words that the boot stage sets for the slot; the boot stage's own values of
 /// these are dropped from the inherited command line.
-pub const HANDOFF_KEYS: [&str; 6] = [
+pub const HANDOFF_KEYS: [&str; 7] = [
     "keel.slot",
     "keel.boot",
     "keel.bootstage",
     "keel.refused",
     "keel.fallback",
     "keel.demoted",
+    "keel.verity",
 ];
 
 /// What the boot stage tells the slot's keel-init.
@@ -72,6 +73,8 @@ pub struct Handoff {
     pub fallback_from: Option<Slot>,
     /// The successful slot the boot choice demoted (its last boots did not reach health).
     pub demoted: Option<Slot>,
+    /// The root hash the slot was mapped with (hex), when its record has one.
+    pub verity: Option<String>,
 }
 
 /// The slot kernel's command line: the boot stage's own words (without the loader's
@@ -119,6 +122,13 @@ pub fn slot_cmdline(boot_stage_cmdline: &str, h: &Handoff) -> String {
     if let Some(s) = h.demoted {
         words.push(format!("keel.demoted={}", s.letter()));
     }
+    if let Some(v) = h
+        .verity
+        .as_deref()
+        .filter(|v| v.bytes().all(|b| b.is_ascii_hexdigit()))
+    {
+        words.push(format!("keel.verity={v}"));
+    }
     words.join(" ")
 }
 
@@ -134,6 +144,7 @@ mod tests {
             refused: String::new(),
             fallback_from: None,
             demoted: None,
+            verity: None,
         }
     }
 
@@ -158,13 +169,17 @@ mod tests {
         h.refused = "b:kernel-load-failed".into();
         h.fallback_from = Some(Slot::B);
         h.demoted = Some(Slot::B);
+        h.verity = Some("ab".repeat(32));
         h.boot_stage = "1.0 0\"x".into();
         let c = slot_cmdline("panic=30 console=ttyS0 lockdown=confidentiality", &h);
         assert_eq!(
             c,
-            "panic=30 console=ttyS0 lockdown=confidentiality keel.slot=a keel.boot=good \
-             keel.bootstage=1.00x keel.refused=b:kernel-load-failed keel.fallback=b \
-             keel.demoted=b"
+            format!(
+                "panic=30 console=ttyS0 lockdown=confidentiality keel.slot=a keel.boot=good \
+                 keel.bootstage=1.00x keel.refused=b:kernel-load-failed keel.fallback=b \
+                 keel.demoted=b keel.verity={}",
+                "ab".repeat(32)
+            )
         );
     }
 

@@ -26,6 +26,8 @@ use super::mounts;
 use super::watchdog::Watchdog;
 use crate::bootctl::{self, Slot};
 use crate::disk::Layout;
+use crate::dm;
+use crate::update::record::hex;
 use std::ffi::CString;
 use std::fs::File;
 use std::path::Path;
@@ -69,27 +71,8 @@ pub enum Stage1Error {
     Exec(nix::Error),
 }
 
-/// Why the boot stage refused a slot (the words of `keel.refused=`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Refusal {
-    SquashfsMountFailed,
-    KernelMissing,
-    KernelDigestMismatch,
-    KernelLoadFailed,
-    InitramfsMissing,
-}
-
-impl Refusal {
-    pub fn word(self) -> &'static str {
-        match self {
-            Refusal::SquashfsMountFailed => "squashfs-mount-failed",
-            Refusal::KernelMissing => "kernel-missing",
-            Refusal::KernelDigestMismatch => "kernel-digest-mismatch",
-            Refusal::KernelLoadFailed => "kernel-load-failed",
-            Refusal::InitramfsMissing => "initramfs-missing",
-        }
-    }
-}
+/// Why the boot stage refused a slot (the words of `keel.refused=`, as the journal reads them).
+pub use crate::control::journal::RefusalReason as Refusal;
 
 /// What a mounted slot offers the boot stage.
 #[derive(Debug)]
@@ -286,27 +269,70 @@ fn boot_stage(cmdline_text: &str, disk: &Path, mut watchdog: Option<Watchdog>) -
                 bootctl::MAX_UNHEALTHY_BOOTS
             ));
         }
-        let source =
-            match bootdisk::mount_slot(disk, &c.layout, c.sector_size, slot, newroot, sys_block) {
-                Ok(s) => s,
-                Err((dev, error)) => {
-                    let why = format!("its root file system ({dev}) did not mount: {error}");
-                    if !refuse(
-                        &mut c,
-                        slot,
-                        Refusal::SquashfsMountFailed,
-                        &why,
-                        &mut refused,
-                    ) {
-                        break;
-                    }
+        let verity = bootdisk::slot_verity(&c.dev, &c.layout, slot);
+        let source = match bootdisk::mount_slot(
+            disk,
+            &c.layout,
+            c.sector_size,
+            slot,
+            newroot,
+            sys_block,
+            verity.as_ref().map(|v| (v, dm::OnCorruption::Error)),
+        ) {
+            Ok(s) => s,
+            Err((dev, error)) => {
+                let why = format!("its root file system ({dev}) did not mount: {error}");
+                if !refuse(
+                    &mut c,
+                    slot,
+                    Refusal::SquashfsMountFailed,
+                    &why,
+                    &mut refused,
+                ) {
+                    break;
+                }
+                continue;
+            }
+        };
+        match &verity {
+            Some(v) => log(format!(
+                "slot {slot} opened read-only from {} through dm-verity (root hash {})",
+                source.display(),
+                hex(&v.root_hash)
+            )),
+            None => log(format!(
+                "slot {slot} opened read-only from {} (its record has no dm-verity tree)",
+                source.display()
+            )),
+        }
+        if let Some(v) = &verity {
+            if let Err(why) = check_whole_slot(&c, slot, &source, v) {
+                bootdisk::unmount_slot(slot, newroot);
+                let (marked, words) = bootdisk::mark_failed_unless_last(&mut c.dev, slot);
+                if marked {
+                    refused.push(format!("{}:{}", slot.letter(), Refusal::VerityCorruption));
+                    log(format!("slot {slot} refused: {why}; {words}"));
                     continue;
                 }
-            };
-        log(format!(
-            "slot {slot} opened read-only from {}",
-            source.display()
-        ));
+                // the last bootable slot boots anyway: a node always has something to boot,
+                // and the kernel's verity target still refuses each bad block it reads
+                log(format!("slot {slot}: {why}; {words}; booting it anyway"));
+                if let Err((dev, error)) = bootdisk::mount_slot(
+                    disk,
+                    &c.layout,
+                    c.sector_size,
+                    slot,
+                    newroot,
+                    sys_block,
+                    Some((v, dm::OnCorruption::Error)),
+                ) {
+                    return Stage1Error::NothingToHandOver(format!(
+                        "slot {slot} ({dev}) did not mount again: {error}"
+                    ));
+                }
+            }
+        }
+        let verity_hex = verity.as_ref().map(|v| hex(&v.root_hash));
         match check_slot_kernel(newroot) {
             Ok(SlotKernel::Legacy) => {
                 log(format!(
@@ -320,6 +346,7 @@ fn boot_stage(cmdline_text: &str, disk: &Path, mut watchdog: Option<Watchdog>) -
                     refused: refused.join(","),
                     fallback_from,
                     demoted,
+                    verity: verity_hex.clone(),
                 };
                 let words = kexec::slot_cmdline("", &handoff);
                 return hand_over(disk, &c.layout, c.sector_size, slot, watchdog, Some(words));
@@ -336,12 +363,13 @@ fn boot_stage(cmdline_text: &str, disk: &Path, mut watchdog: Option<Watchdog>) -
                     refused: refused.join(","),
                     fallback_from,
                     demoted,
+                    verity: verity_hex.clone(),
                 };
                 let line = kexec::slot_cmdline(cmdline_text, &handoff);
                 match kexec::load(&kernel, &initramfs, &line) {
                     Ok(()) => {
                         drop((kernel, initramfs));
-                        let _ = nix::mount::umount(newroot);
+                        bootdisk::unmount_slot(slot, newroot);
                         nix::unistd::sync();
                         if let Some(w) = watchdog.as_mut() {
                             let _ = w.pet();
@@ -359,7 +387,7 @@ fn boot_stage(cmdline_text: &str, disk: &Path, mut watchdog: Option<Watchdog>) -
                     }
                     Err(e) => {
                         drop((kernel, initramfs));
-                        let _ = nix::mount::umount(newroot);
+                        bootdisk::unmount_slot(slot, newroot);
                         let why = format!("the kernel refused to load its kernel: {e}");
                         if !refuse(&mut c, slot, Refusal::KernelLoadFailed, &why, &mut refused) {
                             break;
@@ -368,7 +396,7 @@ fn boot_stage(cmdline_text: &str, disk: &Path, mut watchdog: Option<Watchdog>) -
                 }
             }
             Err((r, why)) => {
-                let _ = nix::mount::umount(newroot);
+                bootdisk::unmount_slot(slot, newroot);
                 if !refuse(&mut c, slot, r, &why, &mut refused) {
                     break;
                 }
@@ -376,6 +404,32 @@ fn boot_stage(cmdline_text: &str, disk: &Path, mut watchdog: Option<Watchdog>) -
         }
     }
     Stage1Error::NothingToHandOver(refused.join(", "))
+}
+
+/// A slot on trial, or a successful slot whose last boot did not reach health (its count of
+/// boots since health is above the one this boot added), has every block of its image read
+/// through its verity device before it is handed over: corruption anywhere is caught now, in the
+/// boot stage, and not only when (and if) the slot reads the bad block. Other boots read only
+/// what they use, each block checked by the kernel as it is read.
+fn check_whole_slot(
+    c: &bootdisk::Chosen,
+    slot: Slot,
+    dev: &Path,
+    v: &crate::update::record::SlotVerity,
+) -> Result<(), String> {
+    let f = c.choice.flags.get(slot);
+    if !(c.choice.tried || (f.successful() && f.tries() > 1)) {
+        return Ok(());
+    }
+    let t0 = std::time::Instant::now();
+    bootdisk::read_all(dev, v.data_size)
+        .map_err(|e| format!("its image does not match its dm-verity tree ({e})"))?;
+    log(format!(
+        "slot {slot}: all {} bytes of its image match its dm-verity tree ({} ms)",
+        v.data_size,
+        t0.elapsed().as_millis()
+    ));
+    Ok(())
 }
 
 /// Record that `slot` was refused and mark it failed (unless it is the last bootable slot).
@@ -387,7 +441,7 @@ fn refuse(
     why: &str,
     refused: &mut Vec<String>,
 ) -> bool {
-    refused.push(format!("{}:{}", slot.letter(), r.word()));
+    refused.push(format!("{}:{}", slot.letter(), r.as_str()));
     let (marked, words) = bootdisk::mark_failed_unless_last(&mut c.dev, slot);
     log(format!("slot {slot} refused: {why}; {words}"));
     marked
@@ -414,6 +468,20 @@ fn slot_stage(
         flags.get(slot)
     ));
     let ss = crate::block::BlockDevice::sector_size(&dev);
+    let verity = bootdisk::slot_verity(&dev, &layout, slot);
+    let recorded = verity.as_ref().map(|v| hex(&v.root_hash));
+    if params.verity.is_some() && params.verity != recorded {
+        return Stage1Error::Handoff {
+            slot,
+            why: format!(
+                "the boot stage mapped it with root hash {}, but its record now says {}",
+                params.verity.as_deref().unwrap_or_default(),
+                recorded
+                    .as_deref()
+                    .unwrap_or("nothing (no dm-verity parameters)")
+            ),
+        };
+    }
     if let Err((source_dev, error)) = bootdisk::mount_slot(
         disk,
         &layout,
@@ -421,6 +489,7 @@ fn slot_stage(
         slot,
         Path::new(NEWROOT),
         Path::new(SYS_BLOCK),
+        verity.as_ref().map(|v| (v, dm::OnCorruption::Restart)),
     ) {
         let (_, marked) = bootdisk::mark_failed_unless_last(&mut dev, slot);
         return Stage1Error::RootDidNotMount {
@@ -431,6 +500,12 @@ fn slot_stage(
         };
     }
     drop(dev);
+    if let Some(h) = &recorded {
+        log(format!(
+            "slot {slot}'s root is read through dm-verity (root hash {h}); a block that does \
+             not match restarts the machine"
+        ));
+    }
     hand_over(disk, &layout, ss, slot, watchdog, None)
 }
 

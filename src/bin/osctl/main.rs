@@ -339,6 +339,7 @@ fn status_json(s: &proto::StatusReply) -> serde_json::Value {
         "last_rollback": s.last_rollback,
         "update_trust": s.update_trust,
         "lockdown": s.lockdown,
+        "verity": s.verity,
         "slots": s.slots.iter().map(|x| json!({
             "slot": x.slot,
             "priority": x.priority,
@@ -410,6 +411,7 @@ fn print_status(s: &proto::StatusReply) {
     println!("boot stage: {}", or_unknown(&s.boot_stage));
     println!("update trust: {}", or_unknown(&s.update_trust));
     println!("kernel lockdown: {}", or_unknown(&s.lockdown));
+    println!("root dm-verity: {}", or_unknown(&s.verity));
     if s.rolled_back {
         println!(
             "rolled back: yes{}",
