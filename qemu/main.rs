@@ -654,8 +654,29 @@ fn the_disk_alone_boots_under_uefi_through_the_boot_stage() {
     // the boot stage puts lockdown=integrity on the slot kernel's command line: the slot's
     // kernel runs locked down (and still loads its modules: they carry Debian's signatures)
     assert_eq!(st["lockdown"], "integrity", "{st}");
+    // the slot's root is read through dm-verity, with the root hash of slot a's record
+    let root = keelos::update::record::hex(
+        &node::slot_record(&n.disk, "a")
+            .verity
+            .expect("v1's record has dm-verity parameters")
+            .root_hash,
+    );
+    assert!(
+        st["verity"]
+            .as_str()
+            .unwrap_or_default()
+            .starts_with("on (keel-root-a: every block read so far matched"),
+        "{st}"
+    );
     let serial = n.vm().serial();
     assert!(serial.contains("keel.slot=a keel.boot=good"), "{serial}");
+    assert!(serial.contains(&format!("keel.verity={root}")), "{serial}");
+    assert!(
+        serial.contains(&format!(
+            "slot a's root is read through dm-verity (root hash {root})"
+        )),
+        "{serial}"
+    );
     assert_eq!(
         serial
             .matches("Kernel is locked down from command line")
@@ -902,6 +923,101 @@ fn a_successful_slot_that_stops_reaching_health_is_demoted_after_three_boots() {
     );
     assert_slot_holds(&st, "a", "v1");
     assert_slot_holds(&st, "b", "bad-agent");
+}
+
+/// Issue 13, dm-verity: bit rot (a byte flipped on the disk while the node is off) is caught in
+/// both places it can be. First in a new slot on trial: the boot stage reads all of a trial
+/// slot through its verity device, refuses it and boots slot a in the same power-on. Then in a
+/// successful running slot: nothing reads the whole slot on a normal boot, so the node boots it,
+/// the kernel's verity target restarts the machine when keel-agent's first block is read, and
+/// the next boot (one that follows an unhealthy one) reads the whole slot, refuses it and falls
+/// back to slot a. Status says why each time; the node never ends without a slot to boot.
+#[test]
+fn dm_verity_catches_a_flipped_byte_in_a_new_slot_and_in_a_running_one() {
+    let test = "verity";
+    let mut n = Node::new("verity", "v1");
+    let p = n.publish("v2", false);
+    boot_to_agent(&mut n, test);
+    n.wait_booted_successful("a", AGENT_LIMIT);
+    installed(&mut n, &p, false, test);
+    n.vm().kill();
+    let v = node::slot_record(&n.disk, "b")
+        .verity
+        .expect("the installed release's record has dm-verity parameters");
+    node::flip_slot_byte(&n.disk, "b", v.data_size / 2 + 123);
+
+    // 1. the trial slot is read whole by the boot stage and refused
+    n.boot();
+    let t0 = n.vm().started;
+    let (st, _) = n.wait_status(rollback_limit(), "slot b refused, slot a booted", |s| {
+        s["booted_slot"] == "a"
+    });
+    timing(
+        test,
+        "power-on to agent ready on slot a (slot b refused)",
+        t0.elapsed(),
+    );
+    let serial = n.vm().serial();
+    assert!(
+        serial.contains("slot b refused: its image does not match its dm-verity tree"),
+        "{serial}"
+    );
+    assert_eq!(
+        power_ons(&serial),
+        1,
+        "refused in the same power-on: {serial}"
+    );
+    assert_eq!(Node::slot(&st, "b")["state"], "failed", "{st}");
+    let why = st["last_rollback"].as_str().unwrap_or_default();
+    eprintln!("verity: trial slot: last rollback: {why}");
+    assert!(why.starts_with("slot b (2.0.0): "), "{st}");
+    assert!(
+        why.contains("(verity corruption) and marked it failed"),
+        "{st}"
+    );
+
+    // 2. a good copy of v2 goes in again and becomes the successful running slot
+    installed(&mut n, &p, false, test);
+    let st = reboot_into(&mut n, test, "b");
+    assert_slot_holds(&st, "b", "v2");
+    n.wait_booted_successful("b", AGENT_LIMIT);
+    n.vm().kill();
+    let agent = node::release_file("v2", "usr/bin/keel-agent");
+    let at = node::find_once_in_slot(&n.disk, "b", &agent[..4096]);
+    node::flip_slot_byte(&n.disk, "b", at + 64);
+
+    n.boot();
+    let t0 = n.vm().started;
+    let (st, _) = n.wait_status(rollback_limit(), "slot b refused, slot a booted", |s| {
+        s["booted_slot"] == "a"
+    });
+    timing(
+        test,
+        "power-on to agent ready on slot a (a verity restart in slot b, then its refusal)",
+        t0.elapsed(),
+    );
+    let serial = n.vm().serial();
+    assert!(serial.contains("dm-verity device corrupted"), "{serial}");
+    assert_eq!(power_ons(&serial), 2, "{serial}");
+    assert!(
+        serial.contains("slot b refused: its image does not match its dm-verity tree"),
+        "{serial}"
+    );
+    assert_eq!(Node::slot(&st, "b")["state"], "failed", "{st}");
+    assert_eq!(Node::slot(&st, "a")["successful"], true, "{st}");
+    let why = st["last_rollback"].as_str().unwrap_or_default();
+    eprintln!("verity: running slot: last rollback: {why}");
+    assert!(
+        why.contains("(verity corruption) and marked it failed"),
+        "{st}"
+    );
+    assert!(
+        st["verity"]
+            .as_str()
+            .unwrap_or_default()
+            .starts_with("on (keel-root-a"),
+        "{st}"
+    );
 }
 
 /// Issue 13: a node whose image trusts release keys (etc/keel/trusted-keys, security version 1)

@@ -585,3 +585,66 @@ fn slot_digest(
         keelos::update::record::hex(&rec.sha256),
     ))
 }
+
+/// Flip the bits of one byte of `slot` on `disk` (the host's disk image file; QEMU must be
+/// stopped), `offset` bytes into the slot: bit rot, or an edit behind the node's back.
+pub fn flip_slot_byte(disk: &Path, slot: &str, offset: u64) {
+    use keelos::block::BlockDevice;
+    let mut dev = keelos::block::FileDevice::open(disk, true).unwrap();
+    let (layout, _) = keelos::bootctl::store::load(&dev).unwrap();
+    let slot: keelos::bootctl::Slot = slot.parse().unwrap();
+    let at = layout.root(slot).offset + offset;
+    let mut b = keelos::block::read_vec(&dev, at, 1).unwrap();
+    b[0] ^= 0xFF;
+    dev.write_at(at, &b).unwrap();
+    dev.flush().unwrap();
+}
+
+/// `slot`'s record on `disk`.
+pub fn slot_record(disk: &Path, slot: &str) -> keelos::update::SlotRecord {
+    let dev = keelos::block::FileDevice::open(disk, false).unwrap();
+    let (layout, _) = keelos::bootctl::store::load(&dev).unwrap();
+    keelos::update::driver::read_record(&dev, &layout, slot.parse().unwrap())
+        .unwrap()
+        .unwrap_or_else(|| panic!("slot {slot} has no record"))
+}
+
+/// Where the only occurrence of `needle` is in `slot`'s image on `disk` (panics when it occurs
+/// not exactly once).
+pub fn find_once_in_slot(disk: &Path, slot: &str, needle: &[u8]) -> u64 {
+    let rec = slot_record(disk, slot);
+    let dev = keelos::block::FileDevice::open(disk, false).unwrap();
+    let (layout, _) = keelos::bootctl::store::load(&dev).unwrap();
+    let part = layout.root(slot.parse().unwrap());
+    let img = keelos::block::read_vec(&dev, part.offset, rec.length as usize).unwrap();
+    let hits: Vec<usize> = img
+        .windows(needle.len())
+        .enumerate()
+        .filter(|(_, w)| w[0] == needle[0] && *w == needle)
+        .map(|(i, _)| i)
+        .take(2)
+        .collect();
+    assert_eq!(
+        hits.len(),
+        1,
+        "{} bytes found at {hits:?} in slot {slot}",
+        needle.len()
+    );
+    hits[0] as u64
+}
+
+/// The bytes of `path` in release `name`'s root image (unsquashfs -cat).
+pub fn release_file(name: &str, path: &str) -> Vec<u8> {
+    let out = Command::new("unsquashfs")
+        .arg("-cat")
+        .arg(releases().release(name).join("root.img"))
+        .arg(path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "unsquashfs -cat {path}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
