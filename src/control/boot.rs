@@ -106,7 +106,9 @@ pub enum RootPlace {
     Other,
 }
 
-/// Where the block device `dev` lies, from `sys_dev_block` (/sys/dev/block).
+/// Where the block device `dev` lies, from `sys_dev_block` (/sys/dev/block). A slot's verity
+/// device (device-mapper, named `keel-root-X` by stage 1, over one partition or loop device
+/// from its first byte) lies where that device does.
 pub fn place_of(sys_dev_block: &Path, dev: (u32, u32)) -> RootPlace {
     let d = sys_dev_block.join(format!("{}:{}", dev.0, dev.1));
     let read = |p: PathBuf| {
@@ -114,11 +116,25 @@ pub fn place_of(sys_dev_block: &Path, dev: (u32, u32)) -> RootPlace {
             .ok()
             .map(|s| s.trim().to_string())
     };
+    let parse_dev = |s: String| -> Option<(u32, u32)> {
+        let (a, b) = s.split_once(':')?;
+        Some((a.parse().ok()?, b.parse().ok()?))
+    };
+    if read(d.join("dm/name")).is_some_and(|n| n.starts_with("keel-root-")) {
+        let slaves: Vec<PathBuf> = std::fs::read_dir(d.join("slaves"))
+            .map(|rd| rd.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default();
+        return match slaves.as_slice() {
+            [one] => match read(one.join("dev")).and_then(parse_dev) {
+                // one level only: a verity device is never stacked on another here
+                Some(under) if under != dev => place_of(sys_dev_block, under),
+                _ => RootPlace::Other,
+            },
+            _ => RootPlace::Other,
+        };
+    }
     if let Some(start) = read(d.join("start")).and_then(|s| s.parse().ok()) {
-        if let Some(disk) = read(d.join("../dev")).and_then(|s| {
-            let (a, b) = s.split_once(':')?;
-            Some((a.parse().ok()?, b.parse().ok()?))
-        }) {
+        if let Some(disk) = read(d.join("../dev")).and_then(parse_dev) {
             return RootPlace::Partition {
                 disk,
                 start_512: start,
@@ -211,6 +227,24 @@ mod tests {
             }
         );
         assert_eq!(place_of(sys, (1, 1)), RootPlace::Other);
+        // stage 1's verity device over vda3: where vda3 is
+        let dm = sys.join("devices/dm-0");
+        std::fs::create_dir_all(dm.join("dm")).unwrap();
+        std::fs::create_dir_all(dm.join("slaves")).unwrap();
+        std::fs::write(dm.join("dm/name"), "keel-root-b\n").unwrap();
+        std::fs::write(disk.join("vda3/dev"), "254:3\n").unwrap();
+        std::os::unix::fs::symlink(disk.join("vda3"), dm.join("slaves/vda3")).unwrap();
+        std::os::unix::fs::symlink(&dm, sys.join("253:0")).unwrap();
+        assert_eq!(
+            place_of(sys, (253, 0)),
+            RootPlace::Partition {
+                disk: (254, 0),
+                start_512: 4096
+            }
+        );
+        // another device-mapper device is not a slot
+        std::fs::write(dm.join("dm/name"), "vg-root\n").unwrap();
+        assert_eq!(place_of(sys, (253, 0)), RootPlace::Other);
     }
 
     #[test]
