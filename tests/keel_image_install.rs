@@ -159,6 +159,53 @@ fn full_install_of_a_compressed_image_shows_in_slots() {
     assert_eq!(f.slot(0, f.v1.len()), f.v1);
 }
 
+/// An image with a dm-verity tree appended by the stock `veritysetup format` installs with the
+/// root hash veritysetup printed in its slot record (the engine reads it from the verified
+/// bytes); the same image without the tree gets none.
+#[test]
+fn an_image_formatted_by_veritysetup_gets_its_root_hash_in_the_slot_record() {
+    let f = fixture();
+    let data = noise(7, 3 << 20);
+    let img = f.write("v2-verity", &data);
+    let out = Command::new("veritysetup")
+        .arg("format")
+        .arg(format!("--hash-offset={}", data.len()))
+        .arg("--salt=5a5a5a5a")
+        .arg(&img)
+        .arg(&img)
+        .output()
+        .expect("veritysetup (Debian cryptsetup-bin; ci/install-deps installs it)");
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let root = text
+        .lines()
+        .find_map(|l| l.strip_prefix("Root hash:"))
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|| panic!("{text}"));
+    let formatted = std::fs::read(&img).unwrap();
+    assert!(formatted.len() > data.len());
+    ok(&[
+        "install",
+        &f.disk,
+        "--image",
+        &img,
+        "--sha256",
+        &sha(&formatted),
+        "--version",
+        "2",
+    ]);
+    let v = f.json();
+    assert_eq!(v["slots"][1]["verity_root_hash"], root, "{v}");
+    assert_eq!(
+        v["slots"][0]["verity_root_hash"],
+        serde_json::Value::Null,
+        "{v}"
+    );
+    assert!(
+        ok(&["slots", "show", &f.disk]).contains(&format!("slot b: dm-verity root hash {root}"))
+    );
+}
+
 /// Relative paths, as an operator types them: the checkpoint lands beside the disk.
 #[test]
 fn install_with_relative_paths() {

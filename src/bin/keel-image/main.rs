@@ -249,6 +249,8 @@ struct SlotJson {
     version: Option<String>,
     length: Option<u64>,
     sha256: Option<String>,
+    /// The dm-verity root hash in the record, when the image carries a tree.
+    verity_root_hash: Option<String>,
 }
 
 #[derive(serde::Serialize)]
@@ -282,6 +284,10 @@ fn show(path: &Path, json: bool) -> Result<(), String> {
                     version: rec.as_ref().map(|r| r.version.clone()),
                     length: rec.as_ref().map(|r| r.length),
                     sha256: rec.as_ref().map(|r| record::hex(&r.sha256)),
+                    verity_root_hash: rec
+                        .as_ref()
+                        .and_then(|r| r.verity.as_ref())
+                        .map(|v| record::hex(&v.root_hash)),
                     slot: s,
                     label: s.label(),
                     priority: f.priority(),
@@ -323,6 +329,11 @@ fn show(path: &Path, json: bool) -> Result<(), String> {
     match out.boot {
         Some(s) => println!("boot: {s}"),
         None => println!("boot: none (no slot is bootable)"),
+    }
+    for s in &out.slots {
+        if let Some(h) = &s.verity_root_hash {
+            println!("slot {}: dm-verity root hash {h}", s.slot.letter());
+        }
     }
     if let Some(r) = out.repair {
         println!("note: {r}");
