@@ -33,8 +33,24 @@ pub fn free_port() -> u16 {
     l.local_addr().expect("local address").port()
 }
 
-/// The UEFI firmware the disk boots under (Debian's ovmf).
-pub const OVMF: &str = "/usr/share/ovmf/OVMF.fd";
+/// The UEFI firmware the disk boots under (Debian's ovmf, the 4 MiB flash layout): its code,
+/// read-only, and a variable store per VM copied from [`ovmf_vars`].
+pub const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.fd";
+
+/// The test machines' UEFI variable store: the Debian Secure Boot CA in db (ci/ovmf-vars), as on
+/// a machine that boots Debian's signed kernels; made once per test run.
+pub fn ovmf_vars() -> &'static Path {
+    static V: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    V.get_or_init(|| {
+        let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("ovmf-vars-debian-db.fd");
+        let st = Command::new(repo().join("ci/ovmf-vars"))
+            .arg(&out)
+            .status()
+            .expect("run ci/ovmf-vars");
+        assert!(st.success(), "ci/ovmf-vars failed (run ci/install-deps)");
+        out
+    })
+}
 
 /// How the guest starts.
 #[derive(Debug, Clone)]
@@ -124,7 +140,15 @@ impl Vm {
                     .arg(format!("console=ttyS0 {append}"));
             }
             Boot::Uefi => {
-                cmd.arg("-bios").arg(OVMF);
+                // each VM its own copy of the variable store: the firmware writes to it
+                let vars = spec.serial_log.with_extension("vars.fd");
+                if !vars.exists() {
+                    std::fs::copy(ovmf_vars(), &vars).expect("copy the OVMF variable store");
+                }
+                cmd.arg("-drive")
+                    .arg(format!("if=pflash,format=raw,readonly=on,file={OVMF_CODE}"))
+                    .arg("-drive")
+                    .arg(format!("if=pflash,format=raw,file={}", vars.display()));
             }
         }
         let started = Instant::now();

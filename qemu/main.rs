@@ -681,8 +681,8 @@ fn the_disk_alone_boots_under_uefi_through_the_boot_stage() {
         serial
             .matches("Kernel is locked down from command line")
             .count(),
-        1,
-        "the slot's kernel only: {serial}"
+        2,
+        "the boot stage's kernel and the slot's: {serial}"
     );
     assert!(
         serial.contains("slot a handed over by the boot stage"),
@@ -1199,6 +1199,59 @@ fn a_slot_kernel_the_kernel_refuses_is_marked_failed_and_the_other_boots_at_once
         "{st}"
     );
     eprintln!("kernel refused: last rollback: {why}");
+}
+
+/// Issue 13, kernel lockdown: the boot stage runs locked down (lockdown=integrity), so
+/// kexec_file_load takes only a slot kernel whose signature the kernel's keyrings verify. The
+/// test machines' firmware has the Debian Secure Boot CA in db (ci/ovmf-vars), which the kernel
+/// loads into its platform keyring: Debian's signed kernels hand over (every other test), and the
+/// same kernel with its signature cut off is refused. As a new slot: marked failed, slot a boots
+/// in the same power-on. As the last bootable slot: its root boots under the boot stage's own
+/// kernel rather than the node rebooting into the same refusal for ever.
+#[test]
+fn a_slot_kernel_without_a_trusted_signature_is_refused_by_the_locked_down_boot_stage() {
+    let (st, serial) = broken_update_rolls_back("kernel-unsigned", "bad-unsigned", 1);
+    assert_eq!(watchdog_resets(&serial), 0, "{serial}");
+    assert!(
+        serial.contains("integrity: Loaded X.509 cert 'Debian Secure Boot CA"),
+        "the platform keyring holds the Debian CA from db: {serial}"
+    );
+    assert!(
+        serial.contains("kexec of unsigned images is restricted"),
+        "{serial}"
+    );
+    assert!(
+        serial.contains("slot b refused: the kernel refused to load its kernel")
+            && serial.contains("the boot stage runs locked down"),
+        "{serial}"
+    );
+    let why = st["last_rollback"].as_str().unwrap_or_default();
+    assert!(
+        why.contains("slot b") && why.contains("kexec_file_load failed"),
+        "{st}"
+    );
+    eprintln!("kernel unsigned: last rollback: {why}");
+
+    // the same release as the only bootable slot
+    let mut n = Node::new("kernel-unsigned-last", "bad-unsigned");
+    n.boot();
+    let (st, _) = n.wait_agent(AGENT_LIMIT);
+    assert_eq!(st["booted_slot"], "a", "{st}");
+    assert_eq!(st["os_version"], "KeelOS 2.0.8-kernel-unsigned", "{st}");
+    n.wait_booted_successful("a", AGENT_LIMIT);
+    let serial = n.vm().serial();
+    assert!(
+        serial.contains(
+            "slot a is the last bootable slot: booting its root under the boot stage's kernel"
+        ),
+        "{serial}"
+    );
+    assert_eq!(
+        serial.matches("Linux version").count(),
+        1,
+        "no kexec: {serial}"
+    );
+    assert_eq!(power_ons(&serial), 1, "{serial}");
 }
 
 /// A new slot whose SquashFS is corrupt (its digest is the published one, so the install

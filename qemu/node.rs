@@ -70,6 +70,12 @@ const RELEASES: &[(&str, &str, Option<&str>, Option<&str>)] = &[
         Some("initramfs-hangs"),
         None,
     ),
+    (
+        "bad-unsigned",
+        "2.0.8-kernel-unsigned",
+        Some("kernel-unsigned"),
+        None,
+    ),
     // v1 with another stock Debian kernel (KERNEL2): a release that differs only by its kernel
     ("v2-kernel", "2.0.0-kernel", None, None),
     // signed releases (see SIGNED): their images trust two release keys

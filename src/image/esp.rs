@@ -22,7 +22,13 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// The kernel command line every boot stage starts with; `--cmdline` words are appended.
-pub const BASE_CMDLINE: &str = "console=tty0 console=ttyS0 panic=10 i6300esb.nowayout=1";
+/// `lockdown=integrity`: the boot stage runs locked down, so its kexec_file_load accepts only a
+/// slot kernel whose signature the kernel's keyrings verify (Debian's kernels: the Debian Secure
+/// Boot CA in the firmware's db, loaded into the platform keyring). A machine without that CA in
+/// db cannot kexec any slot kernel; the boot stage then boots the last bootable slot's root under
+/// its own kernel rather than nothing (see keel-init's stage 1).
+pub const BASE_CMDLINE: &str =
+    "console=tty0 console=ttyS0 panic=10 i6300esb.nowayout=1 lockdown=integrity";
 
 /// The volume label of the ESP's file system.
 pub const VOLUME_LABEL: &str = "KEELOS-ESP";

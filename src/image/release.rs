@@ -42,6 +42,10 @@ pub enum Broken {
     /// describes those bytes truthfully (as a release built with a bad kernel would):
     /// kexec_file_load refuses it.
     KernelRefused,
+    /// The slot's /boot/vmlinuz is the stock kernel with its Authenticode signature cut off
+    /// (keel-boot.json describes it truthfully): a locked-down boot stage's kexec_file_load
+    /// refuses it, one that is not locked down accepts it.
+    KernelUnsigned,
     /// The slot's initramfs lacks the disk driver (virtio_blk, virtio_pci and the modules that
     /// need them): the slot's keel-init never finds its disk.
     InitramfsNoDisk,
@@ -931,6 +935,14 @@ pub fn build(inputs: &ReleaseInputs, out: &Path) -> Result<Release, ImageError> 
     let write_work = |p: &Path, b: &[u8]| std::fs::write(p, b).map_err(io(p.display().to_string()));
     match inputs.broken {
         Some(Broken::KernelRefused) => write_work(&slot_kernel, &refused_kernel())?,
+        Some(Broken::KernelUnsigned) => {
+            let signed = std::fs::read(&vmlinuz).map_err(io(vmlinuz.display().to_string()))?;
+            let unsigned = super::uki::strip_signature(&signed).map_err(|e| ImageError::Io {
+                what: format!("the signature of {}", vmlinuz.display()),
+                source: std::io::Error::other(e.to_string()),
+            })?;
+            write_work(&slot_kernel, &unsigned)?
+        }
         _ => {
             std::fs::copy(&vmlinuz, &slot_kernel).map_err(io(slot_kernel.display().to_string()))?;
         }
@@ -974,6 +986,7 @@ pub fn build(inputs: &ReleaseInputs, out: &Path) -> Result<Release, ImageError> 
         Some(
             Broken::CorruptSquashfs
             | Broken::KernelRefused
+            | Broken::KernelUnsigned
             | Broken::InitramfsNoDisk
             | Broken::InitramfsHangs,
         )

@@ -89,6 +89,44 @@ fn u32_at(b: &[u8], at: usize, what: &'static str) -> Result<u32, PeError> {
         .ok_or(PeError::Truncated(what))
 }
 
+/// `b` (a signed PE file, such as a Debian kernel's bzImage) without its Authenticode
+/// signature: the certificate table (data directory 4, which lies at the end of the file) cut
+/// off and its directory entry zeroed. The rest is byte for byte the same, so a kernel loader
+/// that ignores signatures still accepts it; one that checks them finds none.
+pub fn strip_signature(b: &[u8]) -> Result<Vec<u8>, PeError> {
+    if b.get(..2) != Some(b"MZ") {
+        return Err(PeError::NotPe("no MZ signature"));
+    }
+    let pe = u32_at(b, 0x3c, "e_lfanew")? as usize;
+    if b.get(pe..pe + 4) != Some(b"PE\0\0") {
+        return Err(PeError::NotPe("no PE signature at e_lfanew"));
+    }
+    let opt = pe + 4 + 20;
+    let dirs = match u16_at(b, opt, "the optional header")? {
+        0x20b => opt + 112,
+        0x10b => opt + 96,
+        _ => return Err(PeError::NotPe("unknown optional header magic")),
+    };
+    let count = u32_at(b, dirs - 4, "the optional header")?;
+    if count < 5 {
+        return Err(PeError::NotPe("no certificate table directory"));
+    }
+    let entry = dirs + 8 * 4;
+    let offset = u32_at(b, entry, "the certificate table entry")? as usize;
+    let size = u32_at(b, entry + 4, "the certificate table entry")? as usize;
+    if size == 0 {
+        return Err(PeError::NotPe("the file carries no signature"));
+    }
+    if offset.checked_add(size) != Some(b.len()) {
+        return Err(PeError::NotPe(
+            "the certificate table does not end the file",
+        ));
+    }
+    let mut out = b[..offset].to_vec();
+    out[entry..entry + 8].fill(0);
+    Ok(out)
+}
+
 fn u64_at(b: &[u8], at: usize, what: &'static str) -> Result<u64, PeError> {
     Ok(u64::from(u32_at(b, at, what)?) | (u64::from(u32_at(b, at + 4, what)?) << 32))
 }
@@ -326,6 +364,43 @@ pub fn check_shape(uki: &[u8]) -> Result<PeHeaders, PeError> {
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::panic)]
 mod tests {
+
+    /// A minimal PE32+ file: headers, 64 bytes of "code", then a 100-byte certificate table.
+    fn signed_pe() -> (Vec<u8>, usize) {
+        let mut b = vec![0u8; 0x40 + 4 + 20 + 240];
+        b[..2].copy_from_slice(b"MZ");
+        b[0x3c..0x40].copy_from_slice(&0x40u32.to_le_bytes());
+        b[0x40..0x44].copy_from_slice(b"PE\0\0");
+        let opt = 0x44 + 20;
+        b[0x44 + 16..0x44 + 18].copy_from_slice(&240u16.to_le_bytes());
+        b[opt..opt + 2].copy_from_slice(&0x20bu16.to_le_bytes());
+        b[opt + 108..opt + 112].copy_from_slice(&16u32.to_le_bytes());
+        b.extend_from_slice(&[0xC3; 64]);
+        let unsigned_len = b.len();
+        let entry = opt + 112 + 32;
+        b[entry..entry + 4].copy_from_slice(&(unsigned_len as u32).to_le_bytes());
+        b[entry + 4..entry + 8].copy_from_slice(&100u32.to_le_bytes());
+        b.extend_from_slice(&[0x30; 100]);
+        (b, unsigned_len)
+    }
+
+    #[test]
+    fn stripping_the_signature_cuts_the_certificate_table_and_zeroes_its_entry() {
+        let (signed, unsigned_len) = signed_pe();
+        let out = strip_signature(&signed).unwrap();
+        assert_eq!(out.len(), unsigned_len);
+        let entry = 0x44 + 20 + 112 + 32;
+        assert_eq!(&out[entry..entry + 8], &[0; 8]);
+        assert_eq!(&out[..entry], &signed[..entry]);
+        assert_eq!(&out[entry + 8..], &signed[entry + 8..unsigned_len]);
+        // once stripped, there is nothing more to strip; other files are refused
+        assert!(strip_signature(&out).is_err());
+        assert!(strip_signature(b"not a pe").is_err());
+        let mut short = signed.clone();
+        short.pop();
+        assert!(strip_signature(&short).is_err());
+    }
+
     use super::*;
 
     fn stub() -> Vec<u8> {

@@ -94,9 +94,8 @@ pub fn slot_cmdline(boot_stage_cmdline: &str, h: &Handoff) -> String {
         words.push("panic=10".into());
     }
     // the slot's kernel runs locked down: no unsigned modules, no /dev/mem, no kexec of
-    // unsigned images, no hibernation. (The boot stage's kernel is not: under lockdown its
-    // kexec_file_load checks the slot kernel's signature against the kernel's keyrings, which
-    // hold the signer of Debian's kernels only through the firmware's db with Secure Boot.)
+    // unsigned images, no hibernation (the boot stage's own line has it already when it was
+    // built by keel-image; a boot stage started without it still locks the slot kernel down)
     if !words.iter().any(|w| w.starts_with("lockdown=")) {
         words.push("lockdown=integrity".into());
     }

@@ -387,23 +387,99 @@ fn boot_stage(cmdline_text: &str, disk: &Path, mut watchdog: Option<Watchdog>) -
                     }
                     Err(e) => {
                         drop((kernel, initramfs));
-                        bootdisk::unmount_slot(slot, newroot);
-                        let why = format!("the kernel refused to load its kernel: {e}");
-                        if !refuse(&mut c, slot, Refusal::KernelLoadFailed, &why, &mut refused) {
-                            break;
+                        let why = format!(
+                            "the kernel refused to load its kernel: {e}{}",
+                            signature_hint(&e)
+                        );
+                        if refuse(&mut c, slot, Refusal::KernelLoadFailed, &why, &mut refused) {
+                            bootdisk::unmount_slot(slot, newroot);
+                            continue;
                         }
+                        return root_under_this_kernel(
+                            disk,
+                            c,
+                            slot,
+                            &version,
+                            &refused,
+                            fallback_from,
+                            demoted,
+                            verity_hex,
+                            watchdog,
+                        );
                     }
                 }
             }
             Err((r, why)) => {
-                bootdisk::unmount_slot(slot, newroot);
-                if !refuse(&mut c, slot, r, &why, &mut refused) {
-                    break;
+                if refuse(&mut c, slot, r, &why, &mut refused) {
+                    bootdisk::unmount_slot(slot, newroot);
+                    continue;
                 }
+                return root_under_this_kernel(
+                    disk,
+                    c,
+                    slot,
+                    &version,
+                    &refused,
+                    fallback_from,
+                    demoted,
+                    verity_hex,
+                    watchdog,
+                );
             }
         }
     }
     Stage1Error::NothingToHandOver(refused.join(", "))
+}
+
+/// What to add to a kexec_file_load error that a signature check causes.
+fn signature_hint(e: &std::io::Error) -> &'static str {
+    let locked = std::fs::read_to_string("/sys/kernel/security/lockdown")
+        .is_ok_and(|t| !t.contains("[none]"));
+    match e.raw_os_error() {
+        Some(libc::EKEYREJECTED | libc::ENOKEY | libc::ENODATA | libc::EBADMSG | libc::EPERM)
+            if locked =>
+        {
+            " (the boot stage runs locked down: the slot kernel's signature must verify against \
+             the kernel's keyrings; Debian's kernels need the Debian Secure Boot CA in the \
+             firmware's db)"
+        }
+        _ => "",
+    }
+}
+
+/// The slot's kernel cannot be handed over, and the slot is the last bootable one (it was not
+/// marked failed): boot its root (still mounted at /newroot) under the boot stage's own kernel,
+/// as for a slot without a kernel. The node keeps a running system, without the slot's kernel,
+/// rather than rebooting into the same refusal for ever.
+#[allow(clippy::too_many_arguments)]
+fn root_under_this_kernel(
+    disk: &Path,
+    c: bootdisk::Chosen,
+    slot: Slot,
+    version: &str,
+    refused: &[String],
+    fallback_from: Option<Slot>,
+    demoted: Option<Slot>,
+    verity: Option<String>,
+    watchdog: Option<Watchdog>,
+) -> Stage1Error {
+    log(format!(
+        "slot {slot} is the last bootable slot: booting its root under the boot stage's kernel \
+         instead of its own"
+    ));
+    let handoff = Handoff {
+        slot,
+        trial: c.choice.tried,
+        boot_stage: version.to_string(),
+        refused: refused.join(","),
+        fallback_from,
+        demoted,
+        verity,
+    };
+    let words = kexec::slot_cmdline("", &handoff);
+    let (layout, ss) = (c.layout.clone(), c.sector_size);
+    drop(c);
+    hand_over(disk, &layout, ss, slot, watchdog, Some(words))
 }
 
 /// A slot on trial, or a successful slot whose last boot did not reach health (its count of
