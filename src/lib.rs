@@ -14,6 +14,7 @@ pub mod disk;
 pub mod fetch;
 pub mod image;
 pub mod init;
+pub mod net;
 pub mod pki;
 pub mod update;
 pub mod verity;
