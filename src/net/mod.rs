@@ -5,3 +5,4 @@
 //! runners keel-init uses: sockets, the interface ioctls, resolv.conf and the clock syscalls.
 
 pub mod dhcp;
+pub mod sntp;
