@@ -284,6 +284,16 @@ impl DhcpClient {
         }
     }
 
+    /// Rebind now, asking any server by broadcast, instead of at T2 (BOUND and RENEWING only).
+    pub fn rebind(&mut self, now: Duration) {
+        if let State::Bound(b) | State::Renewing(b, _) = &self.state {
+            let b = b.clone();
+            let tx = self.transaction(now);
+            self.state = State::Rebinding(b, tx);
+            self.handle_timeout(now);
+        }
+    }
+
     /// Act on every timer that has come by `now`: (re)transmissions and state changes.
     pub fn handle_timeout(&mut self, now: Duration) {
         // a late call may cross several boundaries at once (T1, T2 and expiry after a suspend)
@@ -1070,7 +1080,7 @@ mod tests {
     }
 
     #[test]
-    fn forced_renewal() {
+    fn forced_renewal_and_rebinding() {
         let mut c = bound();
         c.renew(S(20));
         assert_eq!(c.state(), ClientState::Renewing);
@@ -1082,9 +1092,15 @@ mod tests {
         )
         .unwrap();
         assert!(matches!(actions(&mut c)[..], [Action::Renewed(_)]));
-        // not bound: nothing to renew
+        // and rebinding on demand broadcasts
+        c.rebind(S(30));
+        assert_eq!(c.state(), ClientState::Rebinding);
+        let (to, req) = sent(&mut c);
+        assert_eq!((to, req.ciaddr()), (Destination::Broadcast, OFFERED));
+        // not bound: nothing to renew or rebind
         let mut fresh = client();
         fresh.renew(S(0));
+        fresh.rebind(S(0));
         assert_eq!(fresh.state(), ClientState::Init);
     }
 

@@ -5,4 +5,5 @@
 //! runners keel-init uses: sockets, the interface ioctls, resolv.conf and the clock syscalls.
 
 pub mod dhcp;
+pub mod io;
 pub mod sntp;
