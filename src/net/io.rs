@@ -509,3 +509,80 @@ pub fn sync_clock(
     })?;
     Ok((server, sample, adj, failed))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::init::net::address;
+
+    /// The interface helpers on a veth pair in a new network namespace of this thread (root;
+    /// `ip` makes the pair, as in init::net's tests).
+    #[test]
+    fn hardware_address_and_clear_address_on_a_veth() {
+        let t = std::thread::spawn(|| {
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
+                .expect("unshare(CLONE_NEWNET): run the tests as root");
+            let st = std::process::Command::new("ip")
+                .args([
+                    "link",
+                    "add",
+                    "eth0",
+                    "address",
+                    "02:00:00:aa:bb:cc",
+                    "type",
+                    "veth",
+                ])
+                .args(["peer", "name", "peer0"])
+                .status()
+                .expect("ip: install iproute2 (ci/install-deps)");
+            assert!(st.success());
+            assert_eq!(
+                hardware_address("eth0").unwrap(),
+                [2, 0, 0, 0xaa, 0xbb, 0xcc]
+            );
+            assert!(hardware_address("nosuch0").is_err());
+            // nothing to clear is fine
+            clear_address("eth0").unwrap();
+            crate::init::net::configure(
+                "eth0",
+                "10.9.0.5/24".parse().unwrap(),
+                Some(Ipv4Addr::new(10, 9, 0, 1)),
+            )
+            .unwrap();
+            let routes = || std::fs::read_to_string("/proc/thread-self/net/route").unwrap();
+            assert!(routes().contains("eth0"), "{}", routes());
+            clear_address("eth0").unwrap();
+            assert!(address("eth0").is_err(), "the address is gone");
+            assert!(!routes().contains("eth0"), "its routes too: {}", routes());
+        });
+        t.join().unwrap();
+    }
+
+    #[test]
+    fn resolv_conf_is_replaced_only_when_it_changes() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("resolv.conf");
+        write_if_changed(&p, "nameserver 10.0.0.1\n").unwrap();
+        let before = std::fs::metadata(&p).unwrap().modified().unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+        write_if_changed(&p, "nameserver 10.0.0.1\n").unwrap();
+        assert_eq!(std::fs::metadata(&p).unwrap().modified().unwrap(), before);
+        write_if_changed(&p, "nameserver 10.0.0.2\n").unwrap();
+        assert_eq!(
+            std::fs::read_to_string(&p).unwrap(),
+            "nameserver 10.0.0.2\n"
+        );
+        assert!(!d.path().join("resolv.conf.new").exists());
+    }
+
+    #[test]
+    fn server_names_take_port_123_by_default() {
+        let a = |s| resolve(s).unwrap();
+        assert_eq!(a("127.0.0.1"), "127.0.0.1:123".parse().unwrap());
+        assert_eq!(a("127.0.0.1:4123"), "127.0.0.1:4123".parse().unwrap());
+        assert_eq!(a("::1"), "[::1]:123".parse().unwrap());
+        assert_eq!(a("[::1]:5"), "[::1]:5".parse().unwrap());
+        assert_eq!(a("localhost:9").port(), 9);
+        assert!(resolve("no-such-host.invalid").is_err());
+    }
+}
