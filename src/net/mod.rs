@@ -1,0 +1,9 @@
+//! The node's network clients: DHCPv4 for its address and SNTP for its clock.
+//!
+//! `dhcp` and `sntp` are protocol cores without I/O or clock: the caller passes time, random
+//! seeds and received bytes in and gets packets and decisions out. `io` holds the thin blocking
+//! runners keel-init uses: sockets, the interface ioctls, resolv.conf and the clock syscalls.
+
+pub mod dhcp;
+pub mod io;
+pub mod sntp;
