@@ -333,7 +333,7 @@ fn boot_stage(cmdline_text: &str, disk: &Path, mut watchdog: Option<Watchdog>) -
             }
         }
         let verity_hex = verity.as_ref().map(|v| hex(&v.root_hash));
-        match check_slot_kernel(newroot) {
+        let (reason, why) = match check_slot_kernel(newroot) {
             Ok(SlotKernel::Legacy) => {
                 log(format!(
                     "slot {slot} carries no kernel (/boot); switching root into it as stage 1 \
@@ -387,46 +387,33 @@ fn boot_stage(cmdline_text: &str, disk: &Path, mut watchdog: Option<Watchdog>) -
                     }
                     Err(e) => {
                         drop((kernel, initramfs));
-                        let why = format!(
-                            "the kernel refused to load its kernel: {e}{}",
-                            signature_hint(&e)
-                        );
-                        if refuse(&mut c, slot, Refusal::KernelLoadFailed, &why, &mut refused) {
-                            bootdisk::unmount_slot(slot, newroot);
-                            continue;
-                        }
-                        return root_under_this_kernel(
-                            disk,
-                            c,
-                            slot,
-                            &version,
-                            &refused,
-                            fallback_from,
-                            demoted,
-                            verity_hex,
-                            watchdog,
-                        );
+                        (
+                            Refusal::KernelLoadFailed,
+                            format!(
+                                "the kernel refused to load its kernel: {e}{}",
+                                signature_hint(&e)
+                            ),
+                        )
                     }
                 }
             }
-            Err((r, why)) => {
-                if refuse(&mut c, slot, r, &why, &mut refused) {
-                    bootdisk::unmount_slot(slot, newroot);
-                    continue;
-                }
-                return root_under_this_kernel(
-                    disk,
-                    c,
-                    slot,
-                    &version,
-                    &refused,
-                    fallback_from,
-                    demoted,
-                    verity_hex,
-                    watchdog,
-                );
-            }
+            Err(refusal) => refusal,
+        };
+        if refuse(&mut c, slot, reason, &why, &mut refused) {
+            bootdisk::unmount_slot(slot, newroot);
+            continue;
         }
+        return root_under_this_kernel(
+            disk,
+            c,
+            slot,
+            &version,
+            &refused,
+            fallback_from,
+            demoted,
+            verity_hex,
+            watchdog,
+        );
     }
     Stage1Error::NothingToHandOver(refused.join(", "))
 }
