@@ -517,6 +517,57 @@ fn node_v1_boots_and_osctl_status_shows_slot_a_successful() {
     n.vm().kill();
 }
 
+/// A node whose configuration has no `network` section gets its address by DHCP from QEMU's
+/// built-in server (10.0.2.15, router 10.0.2.2, DNS 10.0.2.3), writes the lease's resolver to
+/// /run/keel/resolv.conf (which the image's /etc/resolv.conf links to), is reachable by the
+/// agent's forwarded port at that address, and reaches health with the network judged up.
+#[test]
+fn node_without_network_config_gets_its_address_by_dhcp() {
+    let mut n = node::Node::with_config("node-dhcp", "v1", |c| {
+        c.as_object_mut().unwrap().remove("network");
+    });
+    n.boot();
+    let at = n
+        .vm()
+        .wait_serial(
+            "DHCP lease 10.0.2.15/24 router 10.0.2.2 dns 10.0.2.3",
+            0,
+            BOOT_LIMIT,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+    timing("dhcp", "qemu start to DHCP lease", n.vm().started.elapsed());
+    n.vm()
+        .wait_serial(
+            "wrote /run/keel/resolv.conf: nameserver 10.0.2.3",
+            0,
+            BOOT_LIMIT,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+    let (_, _) = n.wait_agent(Duration::from_secs(600));
+    timing(
+        "dhcp",
+        "qemu start to agent ready (osctl status answers)",
+        n.vm().started.elapsed(),
+    );
+    // slot A is successful from the factory; health is reached only with the network up
+    n.vm()
+        .wait_serial("boot healthy", at, Duration::from_secs(300))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let (st, _) = n.wait_booted_successful("a", Duration::from_secs(300));
+    timing(
+        "dhcp",
+        "qemu start to boot healthy",
+        n.vm().started.elapsed(),
+    );
+    assert_eq!(st["os_version"], "KeelOS 1.0.0", "{st}");
+    let serial = n.vm().serial();
+    assert!(
+        !serial.contains("network: 10.0.2.15/24") && !serial.contains("(static)"),
+        "the static path ran: {serial}"
+    );
+    n.vm().kill();
+}
+
 /// How long the agent may take to answer after a (re)boot before a test gives up.
 const AGENT_LIMIT: Duration = Duration::from_secs(300);
 

@@ -282,16 +282,36 @@ impl Node {
     /// usual 5 s (a test that must act while a boot is on trial needs the trial to last); the
     /// boot deadline grows by as much.
     pub fn with_health_window(test: &str, base: &str, window_secs: Option<u64>) -> Node {
+        match window_secs {
+            None => Node::build(test, base, None),
+            Some(w) => Node::with_config(test, base, |c| {
+                c["health"]["window_secs"] = w.into();
+                c["health"]["boot_deadline_secs"] = (BOOT_DEADLINE_SECS + w).into();
+            }),
+        }
+    }
+
+    /// A node like [`Node::new`] whose node.json is the tests' shared one changed by `edit`
+    /// (the shared file itself stays as it is).
+    pub fn with_config(test: &str, base: &str, edit: impl FnOnce(&mut serde_json::Value)) -> Node {
+        Node::build(test, base, Some(Box::new(edit)))
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn build(
+        test: &str,
+        base: &str,
+        edit: Option<Box<dyn FnOnce(&mut serde_json::Value) + '_>>,
+    ) -> Node {
         let r = releases();
         let dir = harness::scratch(test);
         let disk = dir.path().join("disk.img");
-        let config = match window_secs {
+        let config = match edit {
             None => r.config.clone(),
-            Some(w) => {
+            Some(edit) => {
                 let mut c: serde_json::Value =
                     serde_json::from_slice(&std::fs::read(&r.config).unwrap()).unwrap();
-                c["health"]["window_secs"] = w.into();
-                c["health"]["boot_deadline_secs"] = (BOOT_DEADLINE_SECS + w).into();
+                edit(&mut c);
                 let p = dir.path().join("node.json");
                 std::fs::write(&p, serde_json::to_vec_pretty(&c).unwrap()).unwrap();
                 p

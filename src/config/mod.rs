@@ -29,10 +29,16 @@ pub struct NodeConfig {
     /// Set with sethostname(2) at stage 2 when given.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hostname: Option<String>,
-    /// A static address for the first network interface. The kernel command line
-    /// (`keel.ip=`, `keel.gw=`, `keel.iface=`) takes precedence.
+    /// The network of one interface: a static address, or DHCP when the section is absent or
+    /// has no `address`. The kernel command line (`keel.ip=`, `keel.gw=`, `keel.iface=`) takes
+    /// precedence.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub network: Option<NetworkConfig>,
+    /// SNTP servers (host names or IPv4 addresses, optionally with `:port`) the clock is set
+    /// from after the network is up; the DHCP lease's NTP servers (option 42) are used when
+    /// this is empty.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ntp_servers: Vec<String>,
     /// The supervised services, started in dependency order.
     #[serde(default = "default_services")]
     pub services: Vec<ServiceConfig>,
@@ -56,6 +62,7 @@ impl Default for NodeConfig {
             version: CONFIG_VERSION,
             hostname: None,
             network: None,
+            ntp_servers: Vec::new(),
             services: default_services(),
             health: HealthConfig::default(),
             watchdog: WatchdogConfig::default(),
@@ -65,15 +72,16 @@ impl Default for NodeConfig {
     }
 }
 
-/// A static IPv4 address for one interface.
+/// The network of one interface: a static IPv4 address, or DHCP without one.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NetworkConfig {
     /// Interface name; `None`: the first virtio NIC (else the first NIC).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub interface: Option<String>,
-    /// Address with prefix length, e.g. `10.0.2.15/24`.
-    pub address: String,
+    /// Address with prefix length, e.g. `10.0.2.15/24`; `None`: DHCP.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<String>,
     /// Default gateway, e.g. `10.0.2.2`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gateway: Option<String>,
@@ -375,6 +383,41 @@ impl std::str::FromStr for Ipv4Cidr {
     }
 }
 
+/// Whether `s` is a valid host name: letters, digits and '-' in dot-separated labels.
+fn valid_host_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 253
+        && s.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+                && l.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'-')
+        })
+}
+
+/// Whether `s` can name an SNTP server: an IP address, a host name, either with `:port`
+/// (an IPv6 address with a port in brackets). Says why not otherwise.
+pub fn valid_ntp_server(s: &str) -> Result<(), &'static str> {
+    if s.parse::<std::net::IpAddr>().is_ok() || s.parse::<SocketAddr>().is_ok() {
+        return Ok(());
+    }
+    let (host, port) = match s.rsplit_once(':') {
+        Some((h, p)) => (h, Some(p)),
+        None => (s, None),
+    };
+    if let Some(p) = port {
+        if !p.parse::<u16>().is_ok_and(|p| p > 0) {
+            return Err("has a port that is not a number from 1 to 65535");
+        }
+    }
+    if host.parse::<Ipv4Addr>().is_ok() || valid_host_name(host) {
+        Ok(())
+    } else {
+        Err("is not a host name or IP address (optionally with :port), like pool.ntp.org or 10.0.2.2")
+    }
+}
+
 /// Whether `name` may name a service: it becomes a file name under /state/log.
 pub fn valid_service_name(name: &str) -> bool {
     let b = name.as_bytes();
@@ -412,8 +455,15 @@ impl NodeConfig {
             }
         }
         if let Some(n) = &self.network {
-            if let Err(e) = n.address.parse::<Ipv4Cidr>() {
+            if let Some(Err(e)) = n.address.as_ref().map(|a| a.parse::<Ipv4Cidr>()) {
                 errs.push(format!("network.address: {e}"));
+            }
+            if n.address.is_none() && n.gateway.is_some() {
+                errs.push(
+                    "network.gateway: a gateway needs a static network.address; with DHCP the \
+                     lease names the router (remove the gateway or add the address)"
+                        .to_string(),
+                );
             }
             if let Some(g) = &n.gateway {
                 if g.parse::<Ipv4Addr>().is_err() {
@@ -427,6 +477,11 @@ impl NodeConfig {
                          characters, no '/')"
                     ));
                 }
+            }
+        }
+        for (i, server) in self.ntp_servers.iter().enumerate() {
+            if let Err(why) = valid_ntp_server(server) {
+                errs.push(format!("ntp_servers[{i}]: {server:?} {why}"));
             }
         }
         let mut names = BTreeMap::new();
@@ -551,6 +606,12 @@ impl NodeConfig {
             errs.push(format!("logs.keep: {} is outside 1..=20", self.logs.keep));
         }
         errs
+    }
+
+    /// The static address the configuration asks for, if any (`None`: DHCP, or no network
+    /// section). Only meaningful on a validated configuration: an unparsable address is `None`.
+    pub fn static_address(&self) -> Option<Ipv4Cidr> {
+        self.network.as_ref()?.address.as_ref()?.parse().ok()
     }
 
     /// The service named `name`, if any.
@@ -737,6 +798,75 @@ mod tests {
             msg.contains("/state/config/node.json has 20 problem(s)"),
             "{msg}"
         );
+    }
+
+    #[test]
+    fn network_is_static_with_an_address_and_dhcp_without() {
+        let stat = parse(
+            Path::new("n.json"),
+            br#"{"network": {"address": "10.0.2.15/24", "gateway": "10.0.2.2"}}"#,
+        )
+        .unwrap();
+        assert_eq!(stat.static_address(), Some("10.0.2.15/24".parse().unwrap()));
+        assert_eq!(
+            stat.network.as_ref().unwrap().gateway.as_deref(),
+            Some("10.0.2.2")
+        );
+        // no section, or one without an address: DHCP
+        let none = parse(Path::new("n.json"), b"{}").unwrap();
+        assert_eq!(none.static_address(), None);
+        let dhcp = parse(
+            Path::new("n.json"),
+            br#"{"network": {"interface": "eth1"}}"#,
+        )
+        .unwrap();
+        assert_eq!(dhcp.static_address(), None);
+        assert_eq!(
+            dhcp.network.as_ref().unwrap().interface.as_deref(),
+            Some("eth1")
+        );
+        // a static configuration is written back as it was read
+        let text = serde_json::to_value(&stat).unwrap();
+        assert_eq!(
+            text["network"],
+            serde_json::json!({"address": "10.0.2.15/24", "gateway": "10.0.2.2"})
+        );
+        assert!(serde_json::to_value(&none)
+            .unwrap()
+            .get("ntp_servers")
+            .is_none());
+    }
+
+    #[test]
+    fn ntp_servers_and_dhcp_network_are_validated() {
+        let ok = parse(
+            Path::new("n.json"),
+            br#"{"hostname": "node-1.example.org", "ntp_servers":
+                 ["pool.ntp.org", "10.0.2.2", "10.0.2.2:4123", "::1", "[::1]:123", "time-a:123"]}"#,
+        )
+        .unwrap();
+        assert_eq!(ok.ntp_servers.len(), 6);
+        let text = br#"{
+            "network": {"gateway": "10.0.2.2"},
+            "ntp_servers": ["", "bad host", "pool.ntp.org:0", "-x.org", "a..b"]
+        }"#;
+        let cfg: NodeConfig = serde_json::from_slice(text).unwrap();
+        let errs = cfg.validate();
+        let want = [
+            "network.gateway: a gateway needs a static network.address",
+            "ntp_servers[0]: \"\" is not a host name",
+            "ntp_servers[1]: \"bad host\" is not a host name",
+            "ntp_servers[2]: \"pool.ntp.org:0\" has a port",
+            "ntp_servers[3]: \"-x.org\" is not a host name",
+            "ntp_servers[4]: \"a..b\" is not a host name",
+        ];
+        for w in want {
+            assert!(
+                errs.iter().any(|e| e.starts_with(w)),
+                "missing error {w:?} in {errs:#?}"
+            );
+        }
+        assert_eq!(errs.len(), want.len(), "{errs:#?}");
     }
 
     #[test]

@@ -839,6 +839,8 @@ pub fn root_tree(
         t.host_file(dst, host, mode)?;
     }
     t.bytes("etc/os-release", os_release(version), 0o644)?;
+    // the root is read-only: keel-init writes the DHCP lease's resolver on /run (a tmpfs)
+    t.symlink("etc/resolv.conf", crate::init::netup::RESOLV_CONF)?;
     add_libraries(&mut t, Path::new("/"))?;
     audit::audit(&t)?;
     Ok(t)

@@ -13,6 +13,9 @@ pub struct Observation {
     /// The latest start time among the required services, or `None` when one of them is not
     /// running. A restart moves it forward, so the window starts again.
     pub required_up_since: Option<Duration>,
+    /// The node's network is up: its static address applied, or a DHCP lease held (or no
+    /// network was asked for and there is no interface).
+    pub network_up: bool,
 }
 
 /// Where the boot stands.
@@ -77,7 +80,9 @@ impl HealthWindow {
             return HealthAction::Wait;
         }
         let stable = match obs.required_up_since {
-            Some(since) => obs.agent_serving && now.saturating_sub(since) >= self.window,
+            Some(since) => {
+                obs.agent_serving && obs.network_up && now.saturating_sub(since) >= self.window
+            }
             None => false,
         };
         if stable {
@@ -117,6 +122,7 @@ mod tests {
         Observation {
             agent_serving: agent,
             required_up_since: since.map(s),
+            network_up: true,
         }
     }
 
@@ -164,5 +170,26 @@ mod tests {
             HealthAction::MarkSuccessful
         );
         assert_eq!(h.watchdog(s(301)), WatchdogAction::Close);
+    }
+
+    #[test]
+    fn a_network_that_never_comes_up_is_not_healthy() {
+        let mut h = HealthWindow::new(s(30), s(300), AfterSuccess::KeepPetting);
+        let down = Observation {
+            network_up: false,
+            ..obs(true, Some(0))
+        };
+        // agent serving and services up the whole window, but no lease / no address
+        assert_eq!(h.observe(s(100), down), HealthAction::Wait);
+        assert_eq!(h.observe(s(299), down), HealthAction::Wait);
+        assert_eq!(h.observe(s(300), down), HealthAction::Reboot);
+
+        // a lease that comes late still makes the boot healthy before the deadline
+        let mut h = HealthWindow::new(s(30), s(300), AfterSuccess::KeepPetting);
+        assert_eq!(h.observe(s(100), down), HealthAction::Wait);
+        assert_eq!(
+            h.observe(s(101), obs(true, Some(0))),
+            HealthAction::MarkSuccessful
+        );
     }
 }

@@ -20,6 +20,7 @@ pub mod logfile;
 pub mod modules;
 pub mod mounts;
 pub mod net;
+pub mod netup;
 pub mod order;
 pub mod server;
 pub mod stage1;

@@ -13,11 +13,12 @@ use super::log;
 use super::logfile::{log_path, LogFile};
 use super::mounts;
 use super::net;
+use super::netup::{self, NetworkUp};
 use super::server::{Command, Server, ShutdownKind};
 use super::supervisor::{NodeFacts, Supervisor};
 use super::watchdog::Watchdog;
 use crate::bootctl::{self, store, Slot};
-use crate::config::{self, Ipv4Cidr, NodeConfig};
+use crate::config::{self, NodeConfig};
 use crate::control::journal::End;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
@@ -103,7 +104,8 @@ fn load_config(path: &Path) -> NodeConfig {
     }
 }
 
-fn network(cfg: &NodeConfig, params: &KernelParams) {
+/// Loopback, then the node's network ([`netup::start`]: static now, DHCP in its own thread).
+fn network(cfg: &NodeConfig, params: &KernelParams) -> NetworkUp {
     match net::is_up("lo") {
         Ok(false) => {
             if let Err(e) = net::loopback_up() {
@@ -113,34 +115,7 @@ fn network(cfg: &NodeConfig, params: &KernelParams) {
         Ok(true) => {}
         Err(e) => log(e),
     }
-    let from_cfg = cfg.network.as_ref();
-    let ip = params
-        .ip
-        .or_else(|| from_cfg.and_then(|n| n.address.parse::<Ipv4Cidr>().ok()));
-    let Some(ip) = ip else {
-        return;
-    };
-    let gw = params
-        .gateway
-        .or_else(|| from_cfg.and_then(|n| n.gateway.as_ref()?.parse().ok()));
-    let iface = params
-        .iface
-        .clone()
-        .or_else(|| from_cfg.and_then(|n| n.interface.clone()))
-        .or_else(|| net::choose_interface(&net::list_interfaces(Path::new("/sys/class/net"))));
-    let Some(iface) = iface else {
-        log("a static address is configured but there is no network interface");
-        return;
-    };
-    match net::configure(&iface, ip, gw) {
-        Ok(()) => log(format!(
-            "network: {iface} {}/{}{}",
-            ip.addr,
-            ip.prefix,
-            gw.map(|g| format!(" via {g}")).unwrap_or_default()
-        )),
-        Err(e) => log(e),
-    }
+    netup::start(cfg, params)
 }
 
 fn open_watchdog(opts: &Stage2Options, cfg: &NodeConfig) -> Option<Watchdog> {
@@ -335,7 +310,7 @@ pub fn run(opts: &Stage2Options) -> ShutdownKind {
             log(format!("cannot set the host name {h:?}: {e}"));
         }
     }
-    network(&cfg, &params);
+    let network_up = network(&cfg, &params);
     let mut watchdog = open_watchdog(opts, &cfg);
     let pet_every = Duration::from_secs(u64::from(cfg.watchdog.timeout_secs / 4).max(1));
     // a watchdog locked on (nowayout, as the boot stage loads it) ignores the magic close:
@@ -469,6 +444,7 @@ pub fn run(opts: &Stage2Options) -> ShutdownKind {
             let obs = Observation {
                 agent_serving: agent_serving(agent_addr),
                 required_up_since: sup.required_up_since(&cfg.health.required),
+                network_up: network_up.get(),
             };
             match health.observe(now, obs) {
                 HealthAction::Wait => {}
