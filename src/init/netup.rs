@@ -270,12 +270,16 @@ fn on_event(ev: &DhcpEvent, iface: &str, resolv: &Path, cfg: &NodeConfig, up: &N
 fn log_resolv_conf(path: &Path) {
     match std::fs::read_to_string(path) {
         Ok(t) => {
-            let lines: Vec<&str> = t.lines().filter(|l| !l.starts_with('#')).collect();
-            log(format!(
-                "network: wrote {}: {}",
-                path.display(),
+            let lines: Vec<&str> = t
+                .lines()
+                .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+                .collect();
+            let said = if lines.is_empty() {
+                "no resolver in the lease".to_string()
+            } else {
                 lines.join("; ")
-            ));
+            };
+            log(format!("network: wrote {}: {said}", path.display()));
         }
         Err(e) => log(format!("network: cannot read back {}: {e}", path.display())),
     }
