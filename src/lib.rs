@@ -8,6 +8,7 @@
 pub mod agent;
 pub mod block;
 pub mod bootctl;
+pub mod cluster;
 pub mod config;
 pub mod control;
 pub mod disk;
