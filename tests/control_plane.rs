@@ -3,7 +3,9 @@
 //! token gets a node client certificate approved and signed by the controller-manager exactly as
 //! kubelet TLS bootstrapping does, and a wrong token is refused.
 
-use k8s_openapi::api::certificates::v1::{CertificateSigningRequest, CertificateSigningRequestSpec};
+use k8s_openapi::api::certificates::v1::{
+    CertificateSigningRequest, CertificateSigningRequestSpec,
+};
 use k8s_openapi::api::core::v1::Namespace;
 use k8s_openapi::ByteString;
 use keelos::cluster::{ControlPlane, Options, COMPONENTS};
@@ -28,8 +30,14 @@ fn ensure_binaries(opts: &Options) {
         .args(COMPONENTS)
         .status()
         .expect("running image/kube/build");
-    assert!(status.success(), "image/kube/build {COMPONENTS:?}: {status}");
-    eprintln!("timing: image/kube/build: {:.1} s", t.elapsed().as_secs_f64());
+    assert!(
+        status.success(),
+        "image/kube/build {COMPONENTS:?}: {status}"
+    );
+    eprintln!(
+        "timing: image/kube/build: {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
     opts.binaries().expect("binaries after image/kube/build");
 }
 
@@ -40,7 +48,10 @@ fn node_csr() -> String {
     dn.push(DnType::CommonName, format!("system:node:{NODE}"));
     dn.push(DnType::OrganizationName, "system:nodes");
     p.distinguished_name = dn;
-    p.serialize_request(&key).expect("csr").pem().expect("csr pem")
+    p.serialize_request(&key)
+        .expect("csr")
+        .pem()
+        .expect("csr pem")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -87,7 +98,10 @@ async fn control_plane_bootstraps_a_node_client_certificate() {
         .token_client("abcdef.0000000000000000")
         .await
         .expect("client with a wrong token");
-    match Api::<Namespace>::all(wrong).list(&ListParams::default()).await {
+    match Api::<Namespace>::all(wrong)
+        .list(&ListParams::default())
+        .await
+    {
         Err(kube::Error::Api(s)) => assert_eq!(s.code, 401, "wrong token: {s:?}"),
         other => panic!("a wrong bootstrap token was not refused with 401: {other:?}"),
     }

@@ -8,7 +8,10 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 #[derive(Parser, Debug)]
-#[command(name = "keel-cluster", about = "A local Kubernetes control plane on 127.0.0.1")]
+#[command(
+    name = "keel-cluster",
+    about = "A local Kubernetes control plane on 127.0.0.1"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -86,7 +89,10 @@ async fn run(cli: Cli) -> Result<(), cluster::ClusterError> {
     let l = &cp.layout;
     let kc = l.admin_kubeconfig();
     let pki = &l.pki;
-    println!("control plane ready in {:.1} s", cp.timings.controllers.as_secs_f64());
+    println!(
+        "control plane ready in {:.1} s",
+        cp.timings.controllers.as_secs_f64()
+    );
     println!("API server:        {}", cp.api_url());
     println!("admin kubeconfig:  {}", kc.display());
     println!("cluster CA:        {}", pki.ca_cert().display());

@@ -231,12 +231,21 @@ mod tests {
         assert_eq!(BootstrapToken::parse(&s).expect("parse"), t);
         let t = BootstrapToken::from_random(std::array::from_fn(|i| i as u8 * 7));
         assert_eq!(BootstrapToken::parse(&t.to_string()).expect("parse"), t);
-        assert!(!format!("{t:?}").contains(&t.secret), "Debug hides the secret");
+        assert!(
+            !format!("{t:?}").contains(&t.secret),
+            "Debug hides the secret"
+        );
     }
 
     #[test]
     fn malformed_tokens_are_refused() {
-        for bad in ["", "abcdef", "abcdef.0123", "ABCDEF.0123456789abcdef", "abcdef:0123456789abcdef"] {
+        for bad in [
+            "",
+            "abcdef",
+            "abcdef.0123",
+            "ABCDEF.0123456789abcdef",
+            "abcdef:0123456789abcdef",
+        ] {
             assert!(BootstrapToken::parse(bad).is_err(), "{bad:?} accepted");
         }
         assert!(BootstrapToken::parse("abcdef.0123456789abcdef\n").is_ok());

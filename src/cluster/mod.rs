@@ -93,7 +93,9 @@ pub fn default_bin_dir() -> PathBuf {
     let cache = std::env::var_os("KEEL_CACHE")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("/var/cache/keelos"));
-    cache.join("kube").join(pinned("KUBE_VERSION").unwrap_or("unknown"))
+    cache
+        .join("kube")
+        .join(pinned("KUBE_VERSION").unwrap_or("unknown"))
 }
 
 /// How to start a control plane.
@@ -317,10 +319,7 @@ impl ControlPlane {
         let ca_pem = read(&layout.pki.ca_cert())?;
         let server = format!("https://127.0.0.1:{}", ports.apiserver);
         let cert = |stem: &str| -> Result<(String, String), ClusterError> {
-            Ok((
-                read(&layout.pki.cert(stem))?,
-                read(&layout.pki.key(stem))?,
-            ))
+            Ok((read(&layout.pki.cert(stem))?, read(&layout.pki.key(stem))?))
         };
         for (path, stem, user) in [
             (layout.admin_kubeconfig(), "admin", "kubernetes-admin"),
@@ -365,42 +364,58 @@ impl ControlPlane {
             &apiserver_args(&l, &ports, &opts.advertise_address),
             log("kube-apiserver"),
         )?);
+        let client = cp.admin_client().await?;
+        let deadline = start + opts.timeout;
+        cp.wait(
+            "the API server's /readyz",
+            deadline,
+            opts.timeout,
+            || async {
+                if bootstrap::api_ready(&client).await {
+                    Ok(())
+                } else {
+                    Err("not ready".to_string())
+                }
+            },
+        )
+        .await?;
+        cp.timings.api_ready = start.elapsed();
+        // Only now: the controller-manager exits when the RBAC roles that let it read its
+        // authentication configuration do not exist yet.
         cp.components.push(Component::spawn(
             "kube-controller-manager",
             &kcm,
             &controller_manager_args(&l, &ports),
             log("kube-controller-manager"),
         )?);
-
-        let client = cp.admin_client().await?;
-        let deadline = start + opts.timeout;
-        cp.wait("the API server's /readyz", deadline, opts.timeout, || async {
-            if bootstrap::api_ready(&client).await {
-                Ok(())
-            } else {
-                Err("not ready".to_string())
-            }
-        })
-        .await?;
-        cp.timings.api_ready = start.elapsed();
         let token = cp.token.clone();
-        cp.wait("creating the bootstrap token and RBAC bindings", deadline, opts.timeout, || {
-            let (client, token) = (client.clone(), token.clone());
-            async move {
-                bootstrap::apply(&client, &token)
-                    .await
-                    .map_err(|e| e.to_string())
-            }
-        })
+        cp.wait(
+            "creating the bootstrap token and RBAC bindings",
+            deadline,
+            opts.timeout,
+            || {
+                let (client, token) = (client.clone(), token.clone());
+                async move {
+                    bootstrap::apply(&client, &token)
+                        .await
+                        .map_err(|e| e.to_string())
+                }
+            },
+        )
         .await?;
         cp.timings.bootstrapped = start.elapsed();
-        cp.wait("the controller-manager's controllers", deadline, opts.timeout, || async {
-            if bootstrap::controllers_running(&client).await {
-                Ok(())
-            } else {
-                Err("no default ServiceAccount yet".to_string())
-            }
-        })
+        cp.wait(
+            "the controller-manager's controllers",
+            deadline,
+            opts.timeout,
+            || async {
+                if bootstrap::controllers_running(&client).await {
+                    Ok(())
+                } else {
+                    Err("no default ServiceAccount yet".to_string())
+                }
+            },
+        )
         .await?;
         cp.timings.controllers = start.elapsed();
         Ok(cp)
@@ -454,8 +469,7 @@ impl ControlPlane {
     /// A kube-rs client that authenticates with `token` (e.g. the bootstrap token).
     pub async fn token_client(&self, token: &str) -> Result<kube::Client, ClusterError> {
         let ca = read(&self.layout.pki.ca_cert())?;
-        let text =
-            bootstrap::kubeconfig(&self.api_url(), &ca, "token", Credentials::Token(token));
+        let text = bootstrap::kubeconfig(&self.api_url(), &ca, "token", Credentials::Token(token));
         bootstrap::client_from_kubeconfig(&text).await
     }
 
