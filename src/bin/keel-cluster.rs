@@ -108,7 +108,7 @@ async fn run(cli: Cli) -> Result<(), cluster::ClusterError> {
         cp.api_url()
     );
     println!(
-        "  QEMU guests: guestfwd=tcp:{}:{}-tcp:127.0.0.1:{}",
+        "  QEMU guests (-netdev user,...): guestfwd=tcp:{}:{}-cmd:socat - TCP:127.0.0.1:{}",
         cluster::pki::GUEST_HOST_IP,
         cp.ports.apiserver,
         cp.ports.apiserver
