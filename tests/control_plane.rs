@@ -6,7 +6,7 @@
 use k8s_openapi::api::certificates::v1::{
     CertificateSigningRequest, CertificateSigningRequestSpec,
 };
-use k8s_openapi::api::core::v1::Namespace;
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace};
 use k8s_openapi::ByteString;
 use keelos::cluster::{ControlPlane, Options, COMPONENTS};
 use kube::api::{Api, ListParams, ObjectMeta, PostParams};
@@ -92,6 +92,35 @@ async fn control_plane_bootstraps_a_node_client_certificate() {
     for want in ["default", "kube-system"] {
         assert!(names.iter().any(|n| n == want), "{want} not in {names:?}");
     }
+
+    // kubeadm join's discovery: kube-public/cluster-info, readable without credentials, signed
+    // for the token by the bootstrapsigner controller.
+    let jws = format!("jws-kubeconfig-{}", cp.token.id());
+    let t1 = Instant::now();
+    let info = loop {
+        let cm = Api::<ConfigMap>::namespaced(admin.clone(), "kube-public")
+            .get("cluster-info")
+            .await
+            .expect("kube-public/cluster-info");
+        let data = cm.data.unwrap_or_default();
+        if data.contains_key(&jws) {
+            break data;
+        }
+        assert!(
+            t1.elapsed() < Duration::from_secs(60),
+            "cluster-info not signed ({jws}) after 60 s: keys {:?}",
+            data.keys().collect::<Vec<_>>()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let kc = info.get("kubeconfig").expect("cluster-info kubeconfig");
+    assert!(
+        kc.contains(&format!(
+            "server: https://10.0.2.100:{}",
+            cp.ports.apiserver
+        )),
+        "{kc}"
+    );
 
     // A wrong token is not a user at all.
     let wrong = cp

@@ -3,8 +3,10 @@
 //! node client certificates. Also the kubeconfig files of the admin and the controller-manager.
 
 use super::ClusterError;
-use k8s_openapi::api::core::v1::{Secret, ServiceAccount};
-use k8s_openapi::api::rbac::v1::{ClusterRoleBinding, RoleRef, Subject};
+use k8s_openapi::api::core::v1::{ConfigMap, Secret, ServiceAccount};
+use k8s_openapi::api::rbac::v1::{
+    ClusterRoleBinding, PolicyRule, Role, RoleBinding, RoleRef, Subject,
+};
 use kube::api::{Api, ObjectMeta, PostParams};
 use kube::Client;
 use std::collections::BTreeMap;
@@ -188,15 +190,84 @@ where
     }
 }
 
-/// Create the token Secret and the bindings. kube-system may not exist for a moment after
-/// /readyz, so the caller retries on error.
-pub async fn apply(client: &Client, token: &BootstrapToken) -> Result<(), kube::Error> {
+/// kube-public/cluster-info, which `kubeadm join` discovery reads anonymously: a kubeconfig
+/// with the server and the CA. The bootstrapsigner controller adds `jws-kubeconfig-<token id>`.
+pub fn cluster_info_object(server: &str, ca_pem: &str) -> ConfigMap {
+    let mut kc = kubeconfig(server, ca_pem, "", Credentials::Token(""));
+    // Discovery's kubeconfig names the cluster only.
+    if let Some(i) = kc.find("users:") {
+        kc.truncate(i);
+    }
+    ConfigMap {
+        metadata: ObjectMeta {
+            name: Some(CLUSTER_INFO.into()),
+            namespace: Some("kube-public".into()),
+            ..ObjectMeta::default()
+        },
+        data: Some([("kubeconfig".to_string(), kc)].into_iter().collect()),
+        ..ConfigMap::default()
+    }
+}
+
+/// The name of the discovery ConfigMap in kube-public.
+pub const CLUSTER_INFO: &str = "cluster-info";
+
+/// Create the token Secret, the bindings and kube-public/cluster-info (readable by anyone, as
+/// kubeadm makes it). kube-system may not exist for a moment after /readyz, so the caller
+/// retries on error.
+pub async fn apply(
+    client: &Client,
+    token: &BootstrapToken,
+    cluster_info: &ConfigMap,
+) -> Result<(), kube::Error> {
     let secrets: Api<Secret> = Api::namespaced(client.clone(), "kube-system");
     ensure(&secrets, &token.secret_object()).await?;
     let crbs: Api<ClusterRoleBinding> = Api::all(client.clone());
     for (name, role, group) in BINDINGS {
         ensure(&crbs, &binding_object(name, role, group)).await?;
     }
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), "kube-public");
+    ensure(&cms, cluster_info).await?;
+    let name = "kubeadm:bootstrap-signer-clusterinfo";
+    let meta = ObjectMeta {
+        name: Some(name.into()),
+        namespace: Some("kube-public".into()),
+        ..ObjectMeta::default()
+    };
+    let role = Role {
+        metadata: meta.clone(),
+        rules: Some(vec![PolicyRule {
+            api_groups: Some(vec![String::new()]),
+            resources: Some(vec!["configmaps".into()]),
+            resource_names: Some(vec![CLUSTER_INFO.into()]),
+            verbs: vec!["get".into()],
+            ..PolicyRule::default()
+        }]),
+    };
+    ensure(
+        &Api::<Role>::namespaced(client.clone(), "kube-public"),
+        &role,
+    )
+    .await?;
+    let binding = RoleBinding {
+        metadata: meta,
+        role_ref: RoleRef {
+            api_group: "rbac.authorization.k8s.io".into(),
+            kind: "Role".into(),
+            name: name.into(),
+        },
+        subjects: Some(vec![Subject {
+            api_group: Some("rbac.authorization.k8s.io".into()),
+            kind: "User".into(),
+            name: "system:anonymous".into(),
+            namespace: None,
+        }]),
+    };
+    ensure(
+        &Api::<RoleBinding>::namespaced(client.clone(), "kube-public"),
+        &binding,
+    )
+    .await?;
     Ok(())
 }
 

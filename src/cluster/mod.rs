@@ -389,14 +389,21 @@ impl ControlPlane {
             log("kube-controller-manager"),
         )?);
         let token = cp.token.clone();
+        let cluster_info = bootstrap::cluster_info_object(
+            &format!(
+                "https://{}",
+                crate::pki::host_port(&opts.advertise_address, ports.apiserver)
+            ),
+            &ca_pem,
+        );
         cp.wait(
             "creating the bootstrap token and RBAC bindings",
             deadline,
             opts.timeout,
             || {
-                let (client, token) = (client.clone(), token.clone());
+                let (client, token, info) = (client.clone(), token.clone(), cluster_info.clone());
                 async move {
-                    bootstrap::apply(&client, &token)
+                    bootstrap::apply(&client, &token, &info)
                         .await
                         .map_err(|e| e.to_string())
                 }
