@@ -335,6 +335,16 @@ mod tests {
     }
 
     #[test]
+    fn cluster_info_names_the_cluster_and_no_user() {
+        let cm = cluster_info_object("https://10.0.2.100:6443", "CA");
+        let kc = &cm.data.expect("data")["kubeconfig"];
+        assert!(kc.contains("server: https://10.0.2.100:6443"), "{kc}");
+        assert!(!kc.contains("users:") && !kc.contains("token"), "{kc}");
+        let parsed = kube::config::Kubeconfig::from_yaml(kc).expect("yaml");
+        assert_eq!(parsed.clusters.len(), 1);
+    }
+
+    #[test]
     fn kubeconfig_parses_with_kube_rs() {
         let text = kubeconfig(
             "https://127.0.0.1:6443",
