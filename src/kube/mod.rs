@@ -104,10 +104,12 @@ pub fn bootstrap_kubeconfig(k: &KubernetesConfig, token: &str) -> Value {
     })
 }
 
-/// The CNI network: a bridge with host-local addresses from the pod subnet, and portmap for
-/// hostPort. containerd's CRI brings up each pod's loopback itself with the `loopback` plugin
-/// from [`CNI_BIN_DIR`], so it is not in the list. No IP masquerade: that needs the iptables
-/// program, which the image does not carry.
+/// The CNI network: a bridge with host-local addresses from the pod subnet. containerd's CRI
+/// brings up each pod's loopback itself with the `loopback` plugin from [`CNI_BIN_DIR`], so it
+/// is not in the list. No IP masquerade and no portmap (hostPort), though the image carries the
+/// plugin: both need the iptables program, which the image does not carry, and portmap's DEL
+/// fails without it ("neither iptables nor ip6tables usable"), which would leave every pod's
+/// sandbox impossible to tear down.
 pub fn cni_conflist(k: &KubernetesConfig) -> Value {
     json!({
         "cniVersion": "1.0.0",
@@ -124,8 +126,7 @@ pub fn cni_conflist(k: &KubernetesConfig) -> Value {
                     "ranges": [[{"subnet": k.pod_subnet()}]],
                     "routes": [{"dst": "0.0.0.0/0"}]
                 }
-            },
-            {"type": "portmap", "capabilities": {"portMappings": true}}
+            }
         ]
     })
 }
@@ -446,7 +447,7 @@ mod tests {
     }
 
     #[test]
-    fn cni_network_is_a_bridge_with_host_local_addresses_and_portmap() {
+    fn cni_network_is_a_bridge_with_host_local_addresses() {
         let k = section();
         let files = files(&k);
         let c = parsed(find(&files, CNI_CONFLIST));
@@ -456,7 +457,8 @@ mod tests {
             .iter()
             .map(|p| p["type"].as_str().unwrap())
             .collect();
-        assert_eq!(types, ["bridge", "portmap"]);
+        // no portmap: its DEL needs iptables, which the image lacks
+        assert_eq!(types, ["bridge"]);
         assert_eq!(plugins[0]["bridge"], "cni0");
         assert_eq!(plugins[0]["isGateway"], true);
         assert_eq!(plugins[0]["ipam"]["type"], "host-local");
@@ -464,7 +466,7 @@ mod tests {
             plugins[0]["ipam"]["ranges"][0][0]["subnet"],
             "10.244.1.0/24"
         );
-        assert_eq!(plugins[1]["capabilities"]["portMappings"], true);
+        assert_eq!(plugins[0]["ipMasq"], false);
         // the default subnet
         let d = cni_conflist(&KubernetesConfig {
             pod_subnet: None,
