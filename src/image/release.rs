@@ -856,6 +856,7 @@ pub fn root_tree(
         let version = match pkg {
             "containerd" => &v.containerd_version,
             "runc" => &v.runc_version,
+            "containernetworking-plugins" => &v.cni_plugins_version,
             other => {
                 return Err(ImageError::List {
                     file: list_path.display().to_string(),
