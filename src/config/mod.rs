@@ -384,19 +384,6 @@ impl std::str::FromStr for Ipv4Cidr {
     }
 }
 
-/// Whether `s` is a valid host name: letters, digits and '-' in dot-separated labels.
-fn valid_host_name(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 253
-        && s.split('.').all(|l| {
-            !l.is_empty()
-                && l.len() <= 63
-                && !l.starts_with('-')
-                && !l.ends_with('-')
-                && l.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'-')
-        })
-}
-
 /// Whether `s` can name an SNTP server: an IP address, a host name, either with `:port`
 /// (an IPv6 address with a port in brackets). Says why not otherwise.
 pub fn valid_ntp_server(s: &str) -> Result<(), &'static str> {
@@ -412,7 +399,7 @@ pub fn valid_ntp_server(s: &str) -> Result<(), &'static str> {
             return Err("has a port that is not a number from 1 to 65535");
         }
     }
-    if host.parse::<Ipv4Addr>().is_ok() || valid_host_name(host) {
+    if host.parse::<Ipv4Addr>().is_ok() || crate::net::dhcp::valid_dns_name(host) {
         Ok(())
     } else {
         Err("is not a host name or IP address (optionally with :port), like pool.ntp.org or 10.0.2.2")
