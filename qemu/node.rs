@@ -76,6 +76,12 @@ const RELEASES: &[(&str, &str, Option<&str>, Option<&str>)] = &[
         Some("kernel-unsigned"),
         None,
     ),
+    (
+        "bad-module",
+        "2.0.9-module-unsigned",
+        Some("module-unsigned"),
+        None,
+    ),
     // v1 with another stock Debian kernel (KERNEL2): a release that differs only by its kernel
     ("v2-kernel", "2.0.0-kernel", None, None),
     // signed releases (see SIGNED): their images trust two release keys

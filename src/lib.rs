@@ -16,6 +16,7 @@ pub mod dm;
 pub mod fetch;
 pub mod image;
 pub mod init;
+pub mod kube;
 pub mod net;
 pub mod pki;
 pub mod update;

@@ -519,7 +519,8 @@ fn control_socket_rss_and_reboot_with_three_services() {
 fn missing_binaries_are_reported_not_fatal() {
     let addr = free_addr();
     let missing = ServiceConfig::new("containerd", "/nonexistent/containerd", &[]);
-    let mut optional = ServiceConfig::new("kubelet", "/nonexistent/kubelet", &[]);
+    // (not kubelet: keel-init drops kubelet from a node without a kubernetes section)
+    let mut optional = ServiceConfig::new("optional-tool", "/nonexistent/optional-tool", &[]);
     optional.optional = true;
     let mut needs_disk = ServiceConfig::new("diskuser", "/bin/sleep", &["{boot_disk}"]);
     needs_disk.restart = RestartPolicy::Always;
@@ -537,7 +538,7 @@ fn missing_binaries_are_reported_not_fatal() {
             .contains("/nonexistent/containerd is missing"),
         "{c:?}"
     );
-    assert_eq!(status(&s, "kubelet").state, ServiceState::Absent);
+    assert_eq!(status(&s, "optional-tool").state, ServiceState::Absent);
     let d = status(&s, "diskuser");
     assert_eq!(d.state, ServiceState::Failed, "{d:?}");
     assert!(

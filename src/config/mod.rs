@@ -13,6 +13,9 @@ use std::io::Write;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 
+pub mod kubernetes;
+pub use kubernetes::KubernetesConfig;
+
 /// The schema version this code reads and writes.
 pub const CONFIG_VERSION: u32 = 1;
 /// Where the node configuration lives on a node.
@@ -50,6 +53,9 @@ pub struct NodeConfig {
     pub shutdown: ShutdownConfig,
     #[serde(default)]
     pub logs: LogConfig,
+    /// How the node joins a Kubernetes cluster; without it kubelet is not started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kubernetes: Option<KubernetesConfig>,
 }
 
 fn default_version() -> u32 {
@@ -68,6 +74,7 @@ impl Default for NodeConfig {
             watchdog: WatchdogConfig::default(),
             shutdown: ShutdownConfig::default(),
             logs: LogConfig::default(),
+            kubernetes: None,
         }
     }
 }
@@ -198,15 +205,9 @@ pub fn default_services() -> Vec<ServiceConfig> {
         ],
     );
     let containerd = ServiceConfig::new("containerd", "/usr/bin/containerd", &[]);
-    let mut kubelet = ServiceConfig::new(
-        "kubelet",
-        "/usr/bin/kubelet",
-        &[
-            "--config=/var/lib/kubelet/config.yaml",
-            "--kubeconfig=/etc/kubernetes/kubelet.conf",
-            "--container-runtime-endpoint=unix:///run/containerd/containerd.sock",
-        ],
-    );
+    // its flags come from the kubernetes section (crate::kube::node_services); without one it
+    // is not started
+    let mut kubelet = ServiceConfig::new("kubelet", "/usr/bin/kubelet", &[]);
     kubelet.after = vec!["containerd".to_string()];
     kubelet.optional = true;
     vec![agent, containerd, kubelet]
@@ -383,19 +384,6 @@ impl std::str::FromStr for Ipv4Cidr {
     }
 }
 
-/// Whether `s` is a valid host name: letters, digits and '-' in dot-separated labels.
-fn valid_host_name(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 253
-        && s.split('.').all(|l| {
-            !l.is_empty()
-                && l.len() <= 63
-                && !l.starts_with('-')
-                && !l.ends_with('-')
-                && l.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'-')
-        })
-}
-
 /// Whether `s` can name an SNTP server: an IP address, a host name, either with `:port`
 /// (an IPv6 address with a port in brackets). Says why not otherwise.
 pub fn valid_ntp_server(s: &str) -> Result<(), &'static str> {
@@ -411,7 +399,7 @@ pub fn valid_ntp_server(s: &str) -> Result<(), &'static str> {
             return Err("has a port that is not a number from 1 to 65535");
         }
     }
-    if host.parse::<Ipv4Addr>().is_ok() || valid_host_name(host) {
+    if host.parse::<Ipv4Addr>().is_ok() || crate::net::dhcp::valid_dns_name(host) {
         Ok(())
     } else {
         Err("is not a host name or IP address (optionally with :port), like pool.ntp.org or 10.0.2.2")
@@ -604,6 +592,9 @@ impl NodeConfig {
         }
         if !(1..=20).contains(&self.logs.keep) {
             errs.push(format!("logs.keep: {} is outside 1..=20", self.logs.keep));
+        }
+        if let Some(k) = &self.kubernetes {
+            errs.extend(k.validate());
         }
         errs
     }
@@ -867,6 +858,26 @@ mod tests {
             );
         }
         assert_eq!(errs.len(), want.len(), "{errs:#?}");
+    }
+
+    #[test]
+    fn the_kubernetes_section_is_validated_with_the_rest() {
+        let text = br#"{
+            "logs": {"keep": 0},
+            "kubernetes": {"api_server": "https://10.0.2.2:6443", "ca_cert": "none",
+                           "kubeconfig": "apiVersion: v1"}
+        }"#;
+        let err = parse(Path::new("n.json"), text).unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("has 2 problem(s)"), "{msg}");
+        assert!(msg.contains("logs.keep: 0"), "{msg}");
+        assert!(
+            msg.contains("kubernetes.ca_cert: holds no PEM certificate"),
+            "{msg}"
+        );
+        // absent, it is not written back
+        let none = serde_json::to_value(NodeConfig::default()).unwrap();
+        assert!(none.get("kubernetes").is_none());
     }
 
     #[test]

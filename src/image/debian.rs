@@ -47,6 +47,8 @@ pub struct Versions {
     pub kernel_release: String,
     pub containerd_version: String,
     pub runc_version: String,
+    /// containernetworking-plugins (the CNI plugins in /usr/lib/cni).
+    pub cni_plugins_version: String,
 }
 
 impl Versions {
@@ -78,6 +80,7 @@ impl Versions {
             kernel_release: get("KERNEL_RELEASE")?,
             containerd_version: get("CONTAINERD_VERSION")?,
             runc_version: get("RUNC_VERSION")?,
+            cni_plugins_version: get("CNI_PLUGINS_VERSION")?,
         })
     }
 
@@ -217,11 +220,12 @@ mod tests {
         let v = Versions::parse(
             "# pins\nKERNEL_PACKAGE=linux-image-6.1.0-47-amd64\nKERNEL_VERSION=6.1.170-3\n\
              KERNEL_RELEASE=6.1.0-47-amd64\nCONTAINERD_VERSION=\"1.6.20~ds1-1+deb12u3\"\n\
-             RUNC_VERSION=1.1.5+ds1-1+deb12u1\n",
+             RUNC_VERSION=1.1.5+ds1-1+deb12u1\nCNI_PLUGINS_VERSION=1.1.1+ds1-3+b5\n",
             "v.env",
         )
         .unwrap();
         assert_eq!(v.containerd_version, "1.6.20~ds1-1+deb12u3");
+        assert_eq!(v.cni_plugins_version, "1.1.1+ds1-3+b5");
         let e = Versions::parse("KERNEL_PACKAGE=x\n", "v.env").unwrap_err();
         assert!(e.to_string().contains("KERNEL_VERSION is missing"), "{e}");
         let e = Versions::parse("nonsense\n", "v.env").unwrap_err();
@@ -233,6 +237,7 @@ mod tests {
         let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("image/versions.env");
         let v = Versions::load(&p).unwrap();
         assert!(v.kernel_package.ends_with(&v.kernel_release), "{v:?}");
+        assert!(!v.cni_plugins_version.is_empty(), "{v:?}");
     }
 
     #[test]

@@ -268,10 +268,63 @@ pub fn parse_list(text: &str) -> Vec<String> {
         .collect()
 }
 
+/// What the kernel's `sign-file` appends after a module's signature.
+const MODULE_SIG_MAGIC: &[u8] = b"~Module signature appended~\n";
+
+/// `b` (a signed kernel module, as Debian ships them) without its appended signature: the
+/// signature, the 12-byte `struct module_signature` that sizes it and the marker cut off, the
+/// ELF object before them byte for byte the same. A kernel that enforces module signatures
+/// (lockdown=integrity does) refuses what is left; one that does not loads it.
+pub fn strip_module_signature(b: &[u8]) -> Result<Vec<u8>, String> {
+    let body = b
+        .strip_suffix(MODULE_SIG_MAGIC)
+        .ok_or("the module carries no appended signature")?;
+    let info_at = body
+        .len()
+        .checked_sub(12)
+        .ok_or("the module is shorter than its signature information")?;
+    let info = &body[info_at..];
+    // signer_len, key_id_len (bytes 3 and 4) and the big-endian sig_len (bytes 8..12)
+    let sig_len = u32::from_be_bytes([info[8], info[9], info[10], info[11]]) as usize;
+    let cut = sig_len + usize::from(info[3]) + usize::from(info[4]);
+    let end = info_at
+        .checked_sub(cut)
+        .ok_or("the module's signature is longer than the module")?;
+    if b.get(..4) != Some(b"\x7fELF") || end < 4 {
+        return Err("not an ELF kernel module".into());
+    }
+    Ok(b[..end].to_vec())
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::panic)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_module_signature_is_cut_off_and_only_it() {
+        let object = b"\x7fELF the module's object code".to_vec();
+        let sig = vec![0x30u8; 700];
+        let mut signed = object.clone();
+        signed.extend_from_slice(&sig);
+        // PKCS#7: algo, hash, id_type = 2, signer_len = key_id_len = 0, pad, sig_len
+        signed.extend_from_slice(&[0, 0, 2, 0, 0, 0, 0, 0]);
+        signed.extend_from_slice(&(sig.len() as u32).to_be_bytes());
+        signed.extend_from_slice(MODULE_SIG_MAGIC);
+        assert_eq!(strip_module_signature(&signed).unwrap(), object);
+        assert_eq!(
+            strip_module_signature(&object).unwrap_err(),
+            "the module carries no appended signature"
+        );
+        let mut lying = object.clone();
+        lying.extend_from_slice(&[0, 0, 2, 0, 0, 0, 0, 0]);
+        lying.extend_from_slice(&100_000u32.to_be_bytes());
+        lying.extend_from_slice(MODULE_SIG_MAGIC);
+        assert!(strip_module_signature(&lying)
+            .unwrap_err()
+            .contains("longer than the module"));
+        assert!(strip_module_signature(MODULE_SIG_MAGIC).is_err());
+    }
 
     fn table<'a>(
         t: &'a [(&'a str, &'a [&'a str])],

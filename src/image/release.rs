@@ -52,7 +52,14 @@ pub enum Broken {
     /// The slot's initramfs has /init = a program that hangs before anything can pet the
     /// watchdog.
     InitramfsHangs,
+    /// The slot's initramfs carries the stock virtio_net module with its signature cut off (the
+    /// other modules are stock): the slot kernel, locked down, refuses to load it, so the slot
+    /// boots without its network.
+    ModuleUnsigned,
 }
+
+/// The module [`Broken::ModuleUnsigned`] carries without its signature.
+pub const UNSIGNED_MODULE: &str = "virtio_net";
 
 /// The modules [`Broken::InitramfsNoDisk`] leaves out, with every module that needs them.
 pub const DISK_DRIVER_MODULES: [&str; 2] = ["virtio_blk", "virtio_pci"];
@@ -738,6 +745,40 @@ pub fn initramfs_tree_without(
     Ok((t, mods.into_iter().map(|m| m.name).collect()))
 }
 
+/// Replace module `name` of initramfs tree `t` with the same module without its signature.
+fn strip_one_module_signature(t: &mut Tree, release: &str, name: &str) -> Result<(), ImageError> {
+    let file = format!("{name}.ko");
+    let path = t
+        .entries()
+        .map(|(p, _)| p.to_string())
+        .find(|p| {
+            p.starts_with(&format!("lib/modules/{release}/")) && p.ends_with(&format!("/{file}"))
+        })
+        .ok_or_else(|| ImageError::Io {
+            what: format!("module {file} in the slot initramfs"),
+            source: std::io::Error::other("not in the initramfs; check image/modules.list"),
+        })?;
+    let bad = |e: String| ImageError::Io {
+        what: format!("the signature of {path}"),
+        source: std::io::Error::other(e),
+    };
+    let signed = match t.get(&path) {
+        Some(Node::File { content, .. }) => {
+            t.read(&path, content).map_err(|e| bad(e.to_string()))?
+        }
+        _ => return Err(bad("not a file".into())),
+    };
+    let unsigned = super::modules::strip_module_signature(&signed).map_err(bad)?;
+    t.replace(
+        &path,
+        Node::File {
+            content: Content::Bytes(unsigned),
+            mode: 0o644,
+        },
+    )
+    .map_err(|e| bad(e.to_string()))
+}
+
 /// zstd-compressed newc archive of `t`.
 pub fn write_initramfs(t: &Tree, out: &Path) -> Result<u64, ImageError> {
     let cpio = t.write_cpio(Vec::new())?;
@@ -815,6 +856,7 @@ pub fn root_tree(
         let version = match pkg {
             "containerd" => &v.containerd_version,
             "runc" => &v.runc_version,
+            "containernetworking-plugins" => &v.cni_plugins_version,
             other => {
                 return Err(ImageError::List {
                     file: list_path.display().to_string(),
@@ -952,6 +994,7 @@ pub fn build(inputs: &ReleaseInputs, out: &Path) -> Result<Release, ImageError> 
     let slot_init = match inputs.broken {
         Some(Broken::InitramfsHangs) => Some((Content::Bytes(stub::elf(&Stub::Hang)), &[][..])),
         Some(Broken::InitramfsNoDisk) => Some((init.clone(), &DISK_DRIVER_MODULES[..])),
+        Some(Broken::ModuleUnsigned) => Some((init.clone(), &[][..])),
         _ => None,
     };
     match slot_init {
@@ -968,6 +1011,9 @@ pub fn build(inputs: &ReleaseInputs, out: &Path) -> Result<Release, ImageError> 
                 leave_out,
             )?;
             t.bytes("etc/os-release", os_release(&inputs.version), 0o644)?;
+            if inputs.broken == Some(Broken::ModuleUnsigned) {
+                strip_one_module_signature(&mut t, &versions.kernel_release, UNSIGNED_MODULE)?;
+            }
             write_initramfs(&t, &slot_initramfs)?;
         }
     }
@@ -990,7 +1036,8 @@ pub fn build(inputs: &ReleaseInputs, out: &Path) -> Result<Release, ImageError> 
             | Broken::KernelRefused
             | Broken::KernelUnsigned
             | Broken::InitramfsNoDisk
-            | Broken::InitramfsHangs,
+            | Broken::InitramfsHangs
+            | Broken::ModuleUnsigned,
         )
         | None => (init, agent),
     };

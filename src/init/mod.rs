@@ -15,6 +15,7 @@ pub mod bootdisk;
 pub mod cmdline;
 pub mod health;
 pub mod kexec;
+pub mod kubefiles;
 pub mod log;
 pub mod logfile;
 pub mod modules;

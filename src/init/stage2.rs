@@ -104,6 +104,33 @@ fn load_config(path: &Path) -> NodeConfig {
     }
 }
 
+/// The services as they run ([`crate::kube::node_services`]) and, for a node with a
+/// `kubernetes` section, the files kubelet, containerd and CNI read, written before any service
+/// starts. Files that cannot be written are logged: kubelet then fails visibly in its own log
+/// and the boot is judged as usual.
+fn kubernetes(cfg: &NodeConfig) -> NodeConfig {
+    let services = crate::kube::node_services(cfg);
+    let Some(k) = &cfg.kubernetes else {
+        log("no kubernetes section in the node configuration: kubelet is not started");
+        return services;
+    };
+    let root = Path::new("/");
+    if let Err(e) = super::kubefiles::ensure_resolv_conf(root) {
+        log(e);
+    }
+    match super::kubefiles::write(root, &crate::kube::files(k)) {
+        Ok(written) => log(format!(
+            "kubernetes: wrote {} file(s) for kubelet, containerd and CNI (API server {}, {} \
+             static pod(s))",
+            written.len(),
+            k.api_server,
+            k.static_pods.len()
+        )),
+        Err(e) => log(e),
+    }
+    services
+}
+
 /// Loopback, then the node's network ([`netup::start`]: static now, DHCP in its own thread).
 fn network(cfg: &NodeConfig, params: &KernelParams) -> NetworkUp {
     match net::is_up("lo") {
@@ -311,6 +338,7 @@ pub fn run(opts: &Stage2Options) -> ShutdownKind {
         }
     }
     let network_up = network(&cfg, &params);
+    let cfg = kubernetes(&cfg);
     let mut watchdog = open_watchdog(opts, &cfg);
     let pet_every = Duration::from_secs(u64::from(cfg.watchdog.timeout_secs / 4).max(1));
     // a watchdog locked on (nowayout, as the boot stage loads it) ignores the magic close:

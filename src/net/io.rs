@@ -137,13 +137,7 @@ impl DhcpLink {
                     let _ = self.client.handle_packet(self.now(), &buf[..n]);
                     self.carry_out(before)?;
                 }
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        std::io::ErrorKind::WouldBlock
-                            | std::io::ErrorKind::TimedOut
-                            | std::io::ErrorKind::Interrupted
-                    ) => {}
+                Err(e) if nothing_yet(&e) => {}
                 Err(e) => return Err(self.sock_err("recvfrom")(e)),
             }
         }
@@ -402,13 +396,7 @@ pub fn query(server: SocketAddr, timeout: Duration) -> Result<Sample, SntpError>
                 Ok(sample) => return Ok(sample),
                 Err(e) => last = Some(e),
             },
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock
-                        | std::io::ErrorKind::TimedOut
-                        | std::io::ErrorKind::Interrupted
-                ) => {}
+            Err(e) if nothing_yet(&e) => {}
             Err(e) => return Err(io(e)),
         }
     }
@@ -508,6 +496,16 @@ pub fn sync_clock(
         source,
     })?;
     Ok((server, sample, adj, failed))
+}
+
+/// A receive that timed out or was interrupted: nothing arrived yet, the caller waits on.
+fn nothing_yet(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::WouldBlock
+            | std::io::ErrorKind::TimedOut
+            | std::io::ErrorKind::Interrupted
+    )
 }
 
 #[cfg(test)]
