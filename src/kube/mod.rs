@@ -83,6 +83,12 @@ pub fn kubelet_config(k: &KubernetesConfig) -> Value {
         "serverTLSBootstrap": false,
         "failSwapOn": false,
         "resolvConf": crate::init::netup::RESOLV_CONF,
+        // the default, /usr/libexec/kubernetes/..., is on the read-only root
+        "volumePluginDir": "/var/lib/kubelet/volumeplugins",
+        // user-namespaced pods need kubelet's ID mappings from /etc/passwd and /etc/subuid; the
+        // image has no user database (the audit refuses one), and kubelet v1.35 exits at start
+        // when it cannot read them. ProcMountType depends on the same feature.
+        "featureGates": {"UserNamespacesSupport": false, "ProcMountType": false},
     })
 }
 
@@ -351,6 +357,11 @@ mod tests {
         assert_eq!(c["authentication"]["anonymous"]["enabled"], false);
         assert_eq!(c["authorization"]["mode"], "Webhook");
         assert_eq!(c["staticPodPath"], STATIC_POD_DIR);
+        // off the read-only root, and no user-namespace mappings (no /etc/passwd in the image):
+        // without these the stock kubelet v1.35.4 exits at start on a KeelOS root
+        assert_eq!(c["volumePluginDir"], "/var/lib/kubelet/volumeplugins");
+        assert_eq!(c["featureGates"]["UserNamespacesSupport"], false);
+        assert_eq!(c["featureGates"]["ProcMountType"], false);
         assert_eq!(c["healthzBindAddress"], "127.0.0.1");
         assert_eq!(c["healthzPort"], 10248);
         assert_eq!(c["rotateCertificates"], true);
