@@ -4,8 +4,7 @@
 use super::ClusterError;
 use crate::pki::write_file;
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyPair, KeyUsagePurpose, SanType,
+    CertificateParams, DnType, ExtendedKeyUsagePurpose, Issuer, KeyPair, KeyUsagePurpose, SanType,
 };
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
@@ -106,16 +105,8 @@ impl ClusterPki {
         let now = OffsetDateTime::now_utc();
         let (not_before, not_after) = (now - Duration::hours(1), now + Duration::days(3650));
         let ca_key = KeyPair::generate().map_err(gen_err("cluster CA key"))?;
-        let mut ca = CertificateParams::new(Vec::<String>::new()).map_err(gen_err("cluster CA"))?;
-        let mut dn = DistinguishedName::new();
-        dn.push(DnType::CommonName, "kubernetes");
-        ca.distinguished_name = dn;
-        ca.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-        ca.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
+        let mut ca =
+            crate::pki::ca_params_named("kubernetes", None).map_err(gen_err("cluster CA"))?;
         ca.not_before = not_before;
         ca.not_after = not_after;
         let ca_cert = ca.self_signed(&ca_key).map_err(gen_err("cluster CA"))?;

@@ -882,7 +882,7 @@ pub fn root_tree(
     }
     t.bytes("etc/os-release", os_release(version), 0o644)?;
     // the root is read-only: keel-init writes the DHCP lease's resolver on /run (a tmpfs)
-    t.symlink("etc/resolv.conf", crate::init::netup::RESOLV_CONF)?;
+    t.symlink("etc/resolv.conf", crate::net::RESOLV_CONF)?;
     add_libraries(&mut t, Path::new("/"))?;
     audit::audit(&t)?;
     Ok(t)

@@ -88,7 +88,7 @@ pub fn write(root: &Path, files: &[NodeFile]) -> Result<Vec<PathBuf>, KubeFileEr
 /// kubelet refuses to create pods when its `resolvConf` is missing, and a node with a static
 /// address and no DHCP lease has none: create it empty unless the DHCP thread already wrote it.
 pub fn ensure_resolv_conf(root: &Path) -> Result<(), KubeFileError> {
-    let path = under(root, Path::new(crate::init::netup::RESOLV_CONF));
+    let path = under(root, Path::new(crate::net::RESOLV_CONF));
     if let Some(d) = path.parent() {
         fs::create_dir_all(d).map_err(|source| KubeFileError {
             op: "create the directory of",

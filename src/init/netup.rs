@@ -19,9 +19,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// Where the lease's resolver goes; the image's `/etc/resolv.conf` links here (the root is
-/// read-only, /run is a tmpfs).
-pub const RESOLV_CONF: &str = "/run/keel/resolv.conf";
+use crate::net::RESOLV_CONF;
 /// How long one wait for the first lease lasts before it is logged as an attempt; the client
 /// keeps asking after it (its own retransmissions) until the boot deadline decides.
 pub const LEASE_ATTEMPT: Duration = Duration::from_secs(20);

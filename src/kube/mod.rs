@@ -82,7 +82,7 @@ pub fn kubelet_config(k: &KubernetesConfig) -> Value {
         "rotateCertificates": true,
         "serverTLSBootstrap": false,
         "failSwapOn": false,
-        "resolvConf": crate::init::netup::RESOLV_CONF,
+        "resolvConf": crate::net::RESOLV_CONF,
         // the default, /usr/libexec/kubernetes/..., is on the read-only root
         "volumePluginDir": "/var/lib/kubelet/volumeplugins",
         // user-namespaced pods need kubelet's ID mappings from /etc/passwd and /etc/subuid; the

@@ -162,10 +162,20 @@ pub struct Ca {
 }
 
 fn ca_params() -> Result<CertificateParams, PkiError> {
-    let mut p = CertificateParams::new(Vec::<String>::new()).map_err(gen_err("CA"))?;
+    ca_params_named(CA_CN, Some("KeelOS")).map_err(gen_err("CA"))
+}
+
+/// A CA's parameters: its name, and the usages of a CA that signs leaves only (path length 0).
+pub(crate) fn ca_params_named(
+    cn: &str,
+    org: Option<&str>,
+) -> Result<CertificateParams, rcgen::Error> {
+    let mut p = CertificateParams::new(Vec::<String>::new())?;
     let mut dn = DistinguishedName::new();
-    dn.push(DnType::CommonName, CA_CN);
-    dn.push(DnType::OrganizationName, "KeelOS");
+    dn.push(DnType::CommonName, cn);
+    if let Some(o) = org {
+        dn.push(DnType::OrganizationName, o);
+    }
     p.distinguished_name = dn;
     p.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
     p.key_usages = vec![
