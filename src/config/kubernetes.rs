@@ -48,6 +48,12 @@ pub struct KubernetesConfig {
     /// The sandbox image; default [`DEFAULT_SANDBOX_IMAGE`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sandbox_image: Option<String>,
+    /// Registries containerd reaches at other endpoints than `https://HOST`: the registry's
+    /// host (`host[:port]`, as image references name it) to the endpoint URLs to try in turn,
+    /// e.g. `{"10.0.2.100:5000": ["http://10.0.2.100:5000"]}` for a registry served over plain
+    /// HTTP on the node's network.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub registry_mirrors: BTreeMap<String, Vec<String>>,
 }
 
 impl KubernetesConfig {
@@ -145,6 +151,26 @@ impl KubernetesConfig {
                 ));
             }
         }
+        for (host, endpoints) in &self.registry_mirrors {
+            if !registry_host(host) {
+                errs.push(format!(
+                    "kubernetes.registry_mirrors: key {host:?} is not a registry host like \
+                     registry.example.com or 10.0.2.100:5000 (no scheme, no path)"
+                ));
+            }
+            if endpoints.is_empty() {
+                errs.push(format!(
+                    "kubernetes.registry_mirrors[{host:?}]: give at least one endpoint URL"
+                ));
+            }
+            for e in endpoints {
+                if let Err(why) = endpoint_url(e) {
+                    errs.push(format!(
+                        "kubernetes.registry_mirrors[{host:?}]: endpoint {e:?} {why}"
+                    ));
+                }
+            }
+        }
         let mut names = BTreeMap::new();
         for (i, pod) in self.static_pods.iter().enumerate() {
             let at = format!("kubernetes.static_pods[{i}]");
@@ -193,6 +219,34 @@ fn https_url(s: &str) -> Result<(), &'static str> {
         return Err("must not have a path or query");
     }
     Ok(())
+}
+
+/// Whether `s` is a registry host as image references name it: `host[:port]`.
+fn registry_host(s: &str) -> bool {
+    let (host, port) = match s.rsplit_once(':') {
+        Some((h, p)) => (h, Some(p)),
+        None => (s, None),
+    };
+    let host_ok = !host.is_empty()
+        && host.len() <= 253
+        && host
+            .split('.')
+            .all(|l| !l.is_empty() && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-'));
+    host_ok && port.is_none_or(|p| p.parse::<u16>().is_ok_and(|p| p > 0))
+}
+
+/// Whether `s` is an `http://` or `https://` URL with a host; says why not otherwise.
+fn endpoint_url(s: &str) -> Result<(), &'static str> {
+    let uri: http::Uri = s
+        .parse()
+        .map_err(|_| "is not a URL like http://10.0.2.100:5000")?;
+    if !matches!(uri.scheme_str(), Some("http" | "https")) {
+        return Err("must be an http:// or https:// URL");
+    }
+    match uri.authority() {
+        Some(a) if !a.host().is_empty() => Ok(()),
+        _ => Err("has no host"),
+    }
 }
 
 /// Whether `pem` holds at least one X.509 certificate and nothing unparsable.
@@ -355,6 +409,11 @@ mod tests {
             },
             "pod_subnet": "10.88.0.0",
             "sandbox_image": "pause with space",
+            "registry_mirrors": {
+                "http://reg:5000": ["http://reg:5000"],
+                "reg:99999": [],
+                "10.0.2.100:5000": ["ftp://10.0.2.100", "http://10.0.2.100:5000"]
+            },
             "static_pods": [
                 {"apiVersion": "v1", "kind": "Deployment", "metadata": {"name": "a"}},
                 {"apiVersion": "apps/v1", "kind": "Pod", "metadata": {}},
@@ -378,6 +437,10 @@ mod tests {
             "kubernetes.node_labels: value \"-bad-value-\" of \"ok\"",
             "kubernetes.pod_subnet: \"10.88.0.0\" has no prefix length",
             "kubernetes.sandbox_image: \"pause with space\"",
+            "kubernetes.registry_mirrors[\"10.0.2.100:5000\"]: endpoint \"ftp://10.0.2.100\" must be an http:// or https:// URL",
+            "kubernetes.registry_mirrors: key \"http://reg:5000\" is not a registry host",
+            "kubernetes.registry_mirrors: key \"reg:99999\" is not a registry host",
+            "kubernetes.registry_mirrors[\"reg:99999\"]: give at least one endpoint URL",
             "kubernetes.static_pods[0]: kind must be \"Pod\"",
             "kubernetes.static_pods[1]: apiVersion must be \"v1\"",
             "kubernetes.static_pods[1]: metadata.name is missing",

@@ -56,6 +56,9 @@ pub enum Broken {
     /// other modules are stock): the slot kernel, locked down, refuses to load it, so the slot
     /// boots without its network.
     ModuleUnsigned,
+    /// /usr/bin/kubelet is a program that exits with status 1 at once (whether or not
+    /// `--kubelet` gave one): a node with a `kubernetes` section never becomes healthy.
+    KubeletExits,
 }
 
 /// The module [`Broken::ModuleUnsigned`] carries without its signature.
@@ -955,7 +958,10 @@ pub fn build(inputs: &ReleaseInputs, out: &Path) -> Result<Release, ImageError> 
         .map_err(io(format!("a work directory in {}", out.display())))?;
     let init = Content::Host(stripped(&inputs.init, work.path(), "keel-init")?);
     let agent = Content::Host(stripped(&inputs.agent, work.path(), "keel-agent")?);
-    let kubelet = inputs.kubelet.as_ref().map(|k| Content::Host(k.clone()));
+    let kubelet = match inputs.broken {
+        Some(Broken::KubeletExits) => Some(Content::Bytes(stub::elf(&Stub::Exit(1)))),
+        _ => inputs.kubelet.as_ref().map(|k| Content::Host(k.clone())),
+    };
 
     let (kroot, vmlinuz) = kernel(&inputs.cache, &versions)?;
     let kernel_out = out.join(KERNEL_FILE);
@@ -1037,7 +1043,8 @@ pub fn build(inputs: &ReleaseInputs, out: &Path) -> Result<Release, ImageError> 
             | Broken::KernelUnsigned
             | Broken::InitramfsNoDisk
             | Broken::InitramfsHangs
-            | Broken::ModuleUnsigned,
+            | Broken::ModuleUnsigned
+            | Broken::KubeletExits,
         )
         | None => (init, agent),
     };

@@ -16,6 +16,10 @@ pub struct Observation {
     /// The node's network is up: its static address applied, or a DHCP lease held (or no
     /// network was asked for and there is no interface).
     pub network_up: bool,
+    /// For a node with a `kubernetes` section: whether kubelet's health endpoint answers `ok`
+    /// (and, with `require_ready`, the API server has the node Ready). `None` for a node
+    /// without one.
+    pub kubernetes_ok: Option<bool>,
 }
 
 /// Where the boot stands.
@@ -57,6 +61,8 @@ pub struct HealthWindow {
     deadline: Duration,
     after_success: AfterSuccess,
     state: BootHealth,
+    /// Since when every observation has had `kubernetes_ok` (a failed one starts it again).
+    kubernetes_since: Option<Duration>,
 }
 
 impl HealthWindow {
@@ -66,6 +72,7 @@ impl HealthWindow {
             deadline,
             after_success,
             state: BootHealth::Booting,
+            kubernetes_since: None,
         }
     }
 
@@ -79,10 +86,17 @@ impl HealthWindow {
         if self.state != BootHealth::Booting {
             return HealthAction::Wait;
         }
+        self.kubernetes_since = match obs.kubernetes_ok {
+            Some(true) => Some(self.kubernetes_since.unwrap_or(now)),
+            _ => None,
+        };
+        let full = |since: Duration| now.saturating_sub(since) >= self.window;
+        let kubernetes = match obs.kubernetes_ok {
+            None => true,
+            Some(_) => self.kubernetes_since.is_some_and(full),
+        };
         let stable = match obs.required_up_since {
-            Some(since) => {
-                obs.agent_serving && obs.network_up && now.saturating_sub(since) >= self.window
-            }
+            Some(up) => obs.agent_serving && obs.network_up && kubernetes && full(up),
             None => false,
         };
         if stable {
@@ -123,6 +137,7 @@ mod tests {
             agent_serving: agent,
             required_up_since: since.map(s),
             network_up: true,
+            kubernetes_ok: None,
         }
     }
 
@@ -191,5 +206,28 @@ mod tests {
             h.observe(s(101), obs(true, Some(0))),
             HealthAction::MarkSuccessful
         );
+    }
+
+    #[test]
+    fn kubelet_must_answer_for_a_whole_window() {
+        let mut h = HealthWindow::new(s(30), s(300), AfterSuccess::KeepPetting);
+        let k = |ok: bool| Observation {
+            kubernetes_ok: Some(ok),
+            ..obs(true, Some(0))
+        };
+        // services up since 0, but kubelet's health endpoint first answers at 20
+        assert_eq!(h.observe(s(10), k(false)), HealthAction::Wait);
+        assert_eq!(h.observe(s(20), k(true)), HealthAction::Wait);
+        assert_eq!(h.observe(s(49), k(true)), HealthAction::Wait);
+        // one failed answer starts the window again
+        assert_eq!(h.observe(s(50), k(false)), HealthAction::Wait);
+        assert_eq!(h.observe(s(51), k(true)), HealthAction::Wait);
+        assert_eq!(h.observe(s(80), k(true)), HealthAction::Wait);
+        assert_eq!(h.observe(s(81), k(true)), HealthAction::MarkSuccessful);
+
+        // a kubelet that never answers fails the boot at the deadline
+        let mut h = HealthWindow::new(s(30), s(300), AfterSuccess::KeepPetting);
+        assert_eq!(h.observe(s(299), k(false)), HealthAction::Wait);
+        assert_eq!(h.observe(s(300), k(false)), HealthAction::Reboot);
     }
 }

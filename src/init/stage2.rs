@@ -191,6 +191,27 @@ fn agent_serving(addr: Option<SocketAddr>) -> bool {
     addr.is_some_and(|a| TcpStream::connect_timeout(&a, Duration::from_millis(300)).is_ok())
 }
 
+/// kubelet's health endpoint (plain HTTP on loopback, [`crate::kube::HEALTHZ_PORT`]) answers
+/// `200 ok`.
+fn kubelet_healthy() -> bool {
+    use std::io::{Read, Write};
+    let addr = SocketAddr::from(([127, 0, 0, 1], crate::kube::HEALTHZ_PORT));
+    let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_millis(300)) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
+    let _ = s.set_write_timeout(Some(Duration::from_millis(500)));
+    if s.write_all(b"GET /healthz HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+        .is_err()
+    {
+        return false;
+    }
+    let mut buf = Vec::with_capacity(512);
+    // the answer is a few hundred bytes; anything longer is not kubelet's healthy answer
+    let _ = s.take(4096).read_to_end(&mut buf);
+    crate::kube::healthz_ok(&buf)
+}
+
 /// Mark the running slot successful on the boot disk; for a slot that already is, clear its count
 /// of boots without health (`bootctl::mark_successful` does both). Nothing is written when there
 /// is nothing to change.
@@ -473,6 +494,7 @@ pub fn run(opts: &Stage2Options) -> ShutdownKind {
                 agent_serving: agent_serving(agent_addr),
                 required_up_since: sup.required_up_since(&cfg.health.required),
                 network_up: network_up.get(),
+                kubernetes_ok: cfg.kubernetes.as_ref().map(|_| kubelet_healthy()),
             };
             match health.observe(now, obs) {
                 HealthAction::Wait => {}

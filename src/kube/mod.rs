@@ -34,7 +34,7 @@ pub const CONTAINERD_CONFIG: &str = "/run/keel/containerd/config.toml";
 pub const CONTAINERD_ENDPOINT: &str = "unix:///run/containerd/containerd.sock";
 /// The name of the bridge the pods are attached to.
 pub const BRIDGE: &str = "cni0";
-/// kubelet's healthz, which the health judge will ask.
+/// kubelet's healthz, which the boot's health judge asks ([`healthz_ok`]).
 pub const HEALTHZ_PORT: u16 = 10248;
 
 /// One file to write.
@@ -143,9 +143,18 @@ fn toml_string(s: &str) -> String {
 }
 
 /// containerd's configuration (version 2): the CRI plugin with runc v2 without the systemd
-/// cgroup driver, the sandbox image, and the CNI directories.
+/// cgroup driver, the sandbox image, the CNI directories and the registry mirrors.
 pub fn containerd_config(k: &KubernetesConfig) -> String {
     let cri = "plugins.\"io.containerd.grpc.v1.cri\"";
+    let mut mirrors = String::new();
+    for (host, endpoints) in &k.registry_mirrors {
+        let list: Vec<String> = endpoints.iter().map(|e| toml_string(e)).collect();
+        mirrors.push_str(&format!(
+            "\n[{cri}.registry.mirrors.{}]\nendpoint = [{}]\n",
+            toml_string(host),
+            list.join(", ")
+        ));
+    }
     format!(
         "# written by keel-init from the node configuration's kubernetes section\n\
          version = 2\n\
@@ -169,7 +178,7 @@ pub fn containerd_config(k: &KubernetesConfig) -> String {
         sandbox = toml_string(k.sandbox_image()),
         bin = toml_string(CNI_BIN_DIR),
         conf = toml_string(CNI_CONF_DIR),
-    )
+    ) + &mirrors
 }
 
 /// The file name of a static pod in [`STATIC_POD_DIR`] (names are validated DNS-1123
@@ -266,7 +275,8 @@ pub fn kubelet_args(k: &KubernetesConfig, configured: &[String]) -> Vec<String> 
 
 /// The services as keel-init runs them. Without a `kubernetes` section there is no kubelet
 /// (an unjoined node): the `kubelet` service is dropped, with every mention of it in `after`
-/// and `health.required`. With one, kubelet gets [`kubelet_args`] and containerd, unless its
+/// and `health.required`. With one, kubelet gets [`kubelet_args`] and joins
+/// `health.required` (a boot is healthy only while it stays up), and containerd, unless its
 /// arguments already name a configuration, `--config` [`CONTAINERD_CONFIG`].
 pub fn node_services(cfg: &NodeConfig) -> NodeConfig {
     let mut cfg = cfg.clone();
@@ -279,6 +289,11 @@ pub fn node_services(cfg: &NodeConfig) -> NodeConfig {
             cfg.health.required.retain(|r| r != "kubelet");
         }
         Some(k) => {
+            // a joined node's boot is healthy only while kubelet stays up (and answers)
+            let has_kubelet = cfg.services.iter().any(|s| s.name == "kubelet");
+            if has_kubelet && !cfg.health.required.iter().any(|r| r == "kubelet") {
+                cfg.health.required.push("kubelet".into());
+            }
             for s in &mut cfg.services {
                 match s.name.as_str() {
                     "kubelet" => s.args = kubelet_args(k, &s.args),
@@ -298,6 +313,20 @@ pub fn node_services(cfg: &NodeConfig) -> NodeConfig {
         }
     }
     cfg
+}
+
+/// Whether an HTTP response from kubelet's health endpoint says healthy: status 200 and the
+/// body `ok`.
+pub fn healthz_ok(response: &[u8]) -> bool {
+    let text = String::from_utf8_lossy(response);
+    let Some((head, body)) = text.split_once("\r\n\r\n") else {
+        return false;
+    };
+    let status = head.lines().next().unwrap_or("");
+    let mut words = status.split_whitespace();
+    words.next().is_some_and(|v| v.starts_with("HTTP/"))
+        && words.next() == Some("200")
+        && body.trim() == "ok"
 }
 
 #[cfg(test)]
@@ -493,6 +522,14 @@ mod tests {
     fn containerd_config_parses_as_toml_with_the_cri_settings() {
         let k = KubernetesConfig {
             sandbox_image: Some("registry.local:5000/pause:3.10".into()),
+            registry_mirrors: [(
+                "registry.local:5000".to_string(),
+                vec![
+                    "http://10.0.2.100:5000".to_string(),
+                    "https://registry.local:5000".to_string(),
+                ],
+            )]
+            .into(),
             ..section()
         };
         let files = files(&k);
@@ -518,6 +555,14 @@ mod tests {
         );
         assert_eq!(cri["cni"]["bin_dir"].as_str(), Some(CNI_BIN_DIR));
         assert_eq!(cri["cni"]["conf_dir"].as_str(), Some(CNI_CONF_DIR));
+        let endpoints = cri["registry"]["mirrors"]["registry.local:5000"]["endpoint"]
+            .as_array()
+            .unwrap();
+        let endpoints: Vec<_> = endpoints.iter().map(|e| e.as_str().unwrap()).collect();
+        assert_eq!(
+            endpoints,
+            ["http://10.0.2.100:5000", "https://registry.local:5000"]
+        );
         // the conflist goes where containerd reads
         assert!(std::path::Path::new(CNI_CONFLIST).starts_with(CNI_CONF_DIR));
         // the default sandbox image, and a string that needs escaping stays one string
@@ -571,6 +616,9 @@ mod tests {
         let kubelet = s.service("kubelet").unwrap();
         assert_eq!(kubelet.args, kubelet_args(&section(), &[]));
         assert_eq!(kubelet.after, ["containerd"]);
+        assert_eq!(s.health.required, ["keel-agent", "containerd", "kubelet"]);
+        // once only, when the configuration already names it
+        assert_eq!(node_services(&s).health.required, s.health.required);
         assert_eq!(
             s.service("containerd").unwrap().args,
             ["--config", CONTAINERD_CONFIG]
@@ -583,5 +631,19 @@ mod tests {
             s.service("containerd").unwrap().args,
             ["-c", "/etc/containerd/mine.toml"]
         );
+    }
+
+    #[test]
+    fn kubelet_health_answers() {
+        let ok = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain; charset=utf-8\r\n\
+                   X-Content-Type-Options: nosniff\r\nDate: x\r\nContent-Length: 2\r\n\r\nok";
+        assert!(healthz_ok(ok));
+        let failing = b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 40\r\n\r\n\
+                        [-]syncloop failed: reason withheld\nhealthz check failed";
+        assert!(!healthz_ok(failing));
+        assert!(!healthz_ok(b"HTTP/1.1 200 OK\r\n\r\nnot ok"));
+        assert!(!healthz_ok(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n"));
+        assert!(!healthz_ok(b""));
+        assert!(!healthz_ok(b"\x16\x03\x01garbage\r\n\r\nok"));
     }
 }
