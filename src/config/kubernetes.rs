@@ -35,7 +35,8 @@ pub struct KubernetesConfig {
     /// Labels kubelet registers the node with.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub node_labels: BTreeMap<String, String>,
-    /// A boot is healthy only once the node reports Ready to the API server.
+    /// A boot is healthy only once the API server has had the node Ready for the health
+    /// window (asked with kubelet's bootstrapped client certificate: needs `bootstrap_token`).
     #[serde(default)]
     pub require_ready: bool,
     /// Pod manifests (JSON objects: kind Pod, apiVersion v1, metadata.name) kubelet runs as
@@ -96,6 +97,13 @@ impl KubernetesConfig {
                 errs.push("kubernetes: give bootstrap_token or kubeconfig, not both".to_string())
             }
             _ => {}
+        }
+        if self.require_ready && self.kubeconfig.is_some() {
+            errs.push(
+                "kubernetes.require_ready: needs bootstrap_token (the Ready check asks the API \
+                 server with the client certificate kubelet gets by TLS bootstrapping)"
+                    .to_string(),
+            );
         }
         if let Some(t) = &self.bootstrap_token {
             if !bootstrap_token(t) {
@@ -381,9 +389,16 @@ mod tests {
             bootstrap_token: None,
             kubeconfig: Some("apiVersion: v1\nkind: Config\n".into()),
             pod_subnet: Some("10.244.1.0/24".into()),
+            require_ready: false,
             ..k
         };
         assert!(with_kubeconfig.validate().is_empty());
+        let ready = KubernetesConfig {
+            require_ready: true,
+            ..with_kubeconfig
+        };
+        assert_eq!(ready.validate().len(), 1);
+        assert!(ready.validate()[0].starts_with("kubernetes.require_ready: needs bootstrap_token"));
         for url in [
             "https://api.example:6443",
             "https://[::1]:6443/",

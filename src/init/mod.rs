@@ -16,6 +16,7 @@ pub mod cmdline;
 pub mod health;
 pub mod kexec;
 pub mod kubefiles;
+pub mod kubeready;
 pub mod log;
 pub mod logfile;
 pub mod modules;

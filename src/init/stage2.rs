@@ -410,6 +410,11 @@ pub fn run(opts: &Stage2Options) -> ShutdownKind {
         }
     };
     let agent_addr: Option<SocketAddr> = cfg.health.agent_addr.parse().ok();
+    let node_ready = cfg
+        .kubernetes
+        .as_ref()
+        .filter(|k| k.require_ready)
+        .map(super::kubeready::spawn);
     let mut health = HealthWindow::new(
         Duration::from_secs(cfg.health.window_secs),
         Duration::from_secs(cfg.health.boot_deadline_secs),
@@ -494,7 +499,12 @@ pub fn run(opts: &Stage2Options) -> ShutdownKind {
                 agent_serving: agent_serving(agent_addr),
                 required_up_since: sup.required_up_since(&cfg.health.required),
                 network_up: network_up.get(),
-                kubernetes_ok: cfg.kubernetes.as_ref().map(|_| kubelet_healthy()),
+                kubernetes_ok: cfg.kubernetes.as_ref().map(|_| {
+                    kubelet_healthy()
+                        && node_ready
+                            .as_ref()
+                            .is_none_or(|r| r.load(std::sync::atomic::Ordering::Relaxed))
+                }),
             };
             match health.observe(now, obs) {
                 HealthAction::Wait => {}

@@ -329,6 +329,32 @@ pub fn healthz_ok(response: &[u8]) -> bool {
         && body.trim() == "ok"
 }
 
+/// Whether an HTTP/1.0 answer to `GET /api/v1/nodes/NAME` says the node is Ready: `Ok(false)`
+/// for a node not registered yet (404) or not Ready; an error for any other answer.
+pub fn node_ready(response: &[u8]) -> Result<bool, String> {
+    let split = response
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or("the API server's answer has no HTTP header")?;
+    let head = String::from_utf8_lossy(&response[..split]);
+    let body = &response[split + 4..];
+    let status = head.lines().next().unwrap_or("");
+    match status.split_whitespace().nth(1) {
+        Some("200") => {}
+        Some("404") => return Ok(false),
+        _ => {
+            let text = String::from_utf8_lossy(&body[..body.len().min(200)]);
+            return Err(format!("the API server answered {status:?}: {text}"));
+        }
+    }
+    let node: Value = serde_json::from_slice(body).map_err(|e| format!("the Node object: {e}"))?;
+    let conditions = node["status"]["conditions"].as_array();
+    Ok(conditions.is_some_and(|c| {
+        c.iter()
+            .any(|c| c["type"] == "Ready" && c["status"] == "True")
+    }))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -645,5 +671,41 @@ mod tests {
         assert!(!healthz_ok(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n"));
         assert!(!healthz_ok(b""));
         assert!(!healthz_ok(b"\x16\x03\x01garbage\r\n\r\nok"));
+    }
+
+    #[test]
+    fn node_ready_reads_the_ready_condition() {
+        let answer = |status: &str, body: &str| {
+            format!("HTTP/1.0 {status}\r\nContent-Type: application/json\r\n\r\n{body}")
+        };
+        let node = |ready: &str| {
+            json!({"kind": "Node", "status": {"conditions": [
+                {"type": "MemoryPressure", "status": "False"},
+                {"type": "Ready", "status": ready, "reason": "KubeletReady"}
+            ]}})
+            .to_string()
+        };
+        assert_eq!(
+            node_ready(answer("200 OK", &node("True")).as_bytes()),
+            Ok(true)
+        );
+        assert_eq!(
+            node_ready(answer("200 OK", &node("False")).as_bytes()),
+            Ok(false)
+        );
+        assert_eq!(
+            node_ready(answer("200 OK", &node("Unknown")).as_bytes()),
+            Ok(false)
+        );
+        assert_eq!(node_ready(answer("200 OK", "{}").as_bytes()), Ok(false));
+        // not registered yet
+        assert_eq!(
+            node_ready(answer("404 Not Found", "{}").as_bytes()),
+            Ok(false)
+        );
+        let e = node_ready(answer("403 Forbidden", "nodes \"x\" is forbidden").as_bytes());
+        assert!(e.unwrap_err().contains("403 Forbidden"));
+        assert!(node_ready(answer("200 OK", "{not json").as_bytes()).is_err());
+        assert!(node_ready(b"garbage").is_err());
     }
 }
