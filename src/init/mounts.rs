@@ -5,7 +5,7 @@
 use super::log;
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use std::os::unix::fs::MetadataExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// A mount failed.
 #[derive(Debug, thiserror::Error)]
@@ -184,15 +184,64 @@ pub fn switch_root(root: &Path) -> Result<(), MountError> {
     Ok(())
 }
 
-/// Unmount STATE at shutdown (after the services are gone): the binds and overlays on it
-/// first, then STATE itself. Failures are logged: sync has already run.
-pub fn unmount_state(state: &Path) {
-    for p in ["/etc", "/var"] {
-        let p = Path::new(p);
-        if is_mount_point(p) {
-            if let Err(e) = umount2(p, MntFlags::empty()) {
-                log(format!("cannot unmount {}: {e}", p.display()));
+/// The mount points to take down at shutdown, from `/proc/self/mountinfo`'s text: every one at
+/// or under one of `tops`, the most recently mounted first (mountinfo lists mounts in the order
+/// they were made), so a mount comes off before the one it was made on or from. Mount points are
+/// decoded from mountinfo's octal escapes (`\040` for a space).
+pub fn unmount_order(mountinfo: &str, tops: &[&Path]) -> Vec<PathBuf> {
+    let mut out: Vec<PathBuf> = mountinfo
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(|p| PathBuf::from(unescape_mountinfo(p)))
+        .filter(|p| tops.iter().any(|t| p.starts_with(t)))
+        .collect();
+    out.reverse();
+    // a path mounted over several times is unmounted as many times, once per line
+    out
+}
+
+fn unescape_mountinfo(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let octal = b
+            .get(i + 1..i + 4)
+            .filter(|d| d.iter().all(|c| (b'0'..=b'7').contains(c)));
+        match (b[i], octal) {
+            (b'\\', Some(d)) => {
+                let v = d.iter().fold(0u32, |v, c| v * 8 + u32::from(c - b'0'));
+                out.push(u8::try_from(v).unwrap_or(b'?'));
+                i += 4;
             }
+            (c, _) => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Unmount STATE at shutdown (after the services are gone): every mount made on it or from it
+/// first (the /var bind, the /etc overlay, and what containerd and kubelet mounted under /var
+/// and /run: container root overlays use layers on STATE), then STATE itself. Failures are
+/// logged: sync has already run; STATE is remounted read-only when it stays busy.
+pub fn unmount_state(state: &Path) {
+    let tops = [
+        Path::new("/etc"),
+        Path::new("/var"),
+        Path::new("/run/"),
+        state,
+    ];
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    for p in unmount_order(&info, &tops) {
+        // /run itself (a tmpfs) and STATE stay for below
+        if p == Path::new("/run") || p == state {
+            continue;
+        }
+        if let Err(e) = umount2(&p, MntFlags::empty()) {
+            log(format!("cannot unmount {}: {e}", p.display()));
         }
     }
     if !is_mount_point(state) {
@@ -247,5 +296,50 @@ mod tests {
                 assert!(!t.starts_with(later), "{later} must come before {t}");
             }
         }
+    }
+
+    #[test]
+    fn shutdown_unmounts_what_was_mounted_on_state_newest_first() {
+        let info = "\
+22 1 253:0 / / ro,relatime - squashfs /dev/mapper/keel-root-a ro
+23 22 0:5 / /dev rw - devtmpfs devtmpfs rw
+24 22 0:21 / /run rw - tmpfs tmpfs rw
+25 22 252:4 / /state rw - ext4 /dev/vda4 rw
+26 22 252:4 /var /var rw - ext4 /dev/vda4 rw
+27 22 0:30 / /etc rw - overlay overlay rw,lowerdir=/etc
+28 22 0:31 / /tmp rw - tmpfs tmpfs rw
+40 26 252:4 /var/lib/kubelet /var/lib/kubelet rw shared:5 - ext4 /dev/vda4 rw
+41 24 0:4 net:[4026532] /run/netns/cni-1 rw - nsfs nsfs rw
+42 24 0:50 / /run/containerd/io.containerd.runtime.v2.task/k8s.io/ab/rootfs rw - overlay overlay rw
+43 40 0:51 / /var/lib/kubelet/pods/x/volumes/kubernetes.io~empty\\040dir/a rw - tmpfs tmpfs rw
+";
+        let order = unmount_order(
+            info,
+            &[
+                Path::new("/etc"),
+                Path::new("/var"),
+                Path::new("/run/"),
+                Path::new("/state"),
+            ],
+        );
+        let order: Vec<_> = order.iter().map(|p| p.to_str().unwrap()).collect();
+        assert_eq!(
+            order,
+            [
+                "/var/lib/kubelet/pods/x/volumes/kubernetes.io~empty dir/a",
+                "/run/containerd/io.containerd.runtime.v2.task/k8s.io/ab/rootfs",
+                "/run/netns/cni-1",
+                "/var/lib/kubelet",
+                "/etc",
+                "/var",
+                "/state",
+                "/run",
+            ]
+        );
+        // "/run/" as a top is /run and below (Path::starts_with compares whole components)
+        assert!(
+            unmount_order("1 0 0:1 / /runner rw - tmpfs t rw\n", &[Path::new("/run/")]).is_empty()
+        );
+        assert_eq!(unescape_mountinfo(r"a\040b\134c\12"), "a b\\c\\12");
     }
 }
