@@ -15,6 +15,7 @@ pub mod diskimg;
 pub mod elf;
 pub mod esp;
 pub mod modules;
+pub mod oci;
 pub mod release;
 pub mod stub;
 pub mod tree;
