@@ -18,7 +18,8 @@ pub const INDEX_MEDIA_TYPE: &str = "application/vnd.oci.image.index.v1+json";
 pub const REF_NAME: &str = "org.opencontainers.image.ref.name";
 /// Where the pause program sits in the pause image (as in registry.k8s.io/pause).
 pub const PAUSE_PATH: &str = "/pause";
-/// The pause image tag Kubernetes 1.35's kubeadm and containerd 2 expect.
+/// The default pause image tag, the version of registry.k8s.io/pause recent Kubernetes
+/// releases name (the sandbox image setting must name the same tag).
 pub const PAUSE_TAG: &str = "3.10.1";
 
 /// Building or writing an OCI image failed.
