@@ -9,6 +9,7 @@
 pub mod bootstrap;
 pub mod pki;
 pub mod process;
+pub mod registry;
 
 use bootstrap::{BootstrapToken, Credentials};
 use pki::ClusterPki;

@@ -4,7 +4,8 @@
 //! This module owns the image pipeline: pinned Debian inputs ([`debian`]), kernel module
 //! resolution ([`modules`]), the newc writer ([`cpio`]), reproducible file trees ([`tree`]), the
 //! audit that keeps shells and interpreters out ([`audit`]), the release ([`release`]), the boot
-//! stage (a UKI, [`uki`], on the ESP, [`esp`]) and the disk ([`diskimg`]). It never writes outside the output paths and the package cache it is
+//! stage (a UKI, [`uki`], on the ESP, [`esp`]), the disk ([`diskimg`]) and OCI images of a
+//! single program, such as the pod sandbox image ([`oci`]). It never writes outside the output paths and the package cache it is
 //! given, and it never modifies what it takes from Debian.
 
 pub mod audit;
@@ -15,6 +16,7 @@ pub mod diskimg;
 pub mod elf;
 pub mod esp;
 pub mod modules;
+pub mod oci;
 pub mod release;
 pub mod stub;
 pub mod tree;

@@ -16,6 +16,10 @@ pub enum Stub {
     Exit(u8),
     /// Sleep in `pause()` forever (signals that would end it are ignored for PID 1).
     Hang,
+    /// A pod sandbox's pause process: sleep in `pause()` until SIGTERM or SIGINT, then
+    /// `exit(0)`. The handlers matter: as PID 1 of the pod's PID namespace a process without
+    /// them ignores SIGTERM, and containerd would wait out its grace period and SIGKILL it.
+    Pause,
     /// Write the message to stdout (the console for PID 1), then power the machine off
     /// (`reboot(POWER_OFF)`); hang if that is refused. Never run it on a host.
     SayAndPowerOff(String),
@@ -24,6 +28,43 @@ pub enum Stub {
 fn hang() -> Vec<u8> {
     // loop: mov eax, 34 (pause); syscall; jmp loop
     vec![0xB8, 34, 0, 0, 0, 0x0F, 0x05, 0xEB, 0xF7]
+}
+
+/// SA_RESTORER: x86-64 kernels refuse to deliver a signal to a handler without a restorer.
+const SA_RESTORER: u64 = 0x0400_0000;
+
+fn pause() -> Vec<u8> {
+    let mut c = Vec::new();
+    let mut lea_at = Vec::new();
+    for sig in [15u32, 2] {
+        // rt_sigaction(sig, &act, NULL, 8)
+        c.extend(imm32(&[0xB8], 13)); // mov eax, 13 (rt_sigaction)
+        c.extend(imm32(&[0xBF], sig)); // mov edi, sig (SIGTERM, SIGINT)
+        lea_at.push(c.len());
+        c.extend(imm32(&[0x48, 0x8D, 0x35], 0)); // lea rsi, [rip + act], patched below
+        c.extend([0x31, 0xD2]); // xor edx, edx
+        c.extend(imm32(&[0x41, 0xBA], 8)); // mov r10d, 8 (sizeof sigset_t)
+        c.extend([0x0F, 0x05]); // syscall
+    }
+    c.extend(hang());
+    let handler = c.len();
+    c.extend([0x31, 0xFF]); // xor edi, edi
+    c.extend(imm32(&[0xB8], 60)); // mov eax, 60 (exit)
+    c.extend([0x0F, 0x05]); // syscall
+    let restorer = c.len(); // never reached (the handler exits), but the kernel wants one
+    c.extend(imm32(&[0xB8], 15)); // mov eax, 15 (rt_sigreturn)
+    c.extend([0x0F, 0x05]); // syscall
+    let act = c.len();
+    let at = |off: usize| BASE + (HEADERS + off) as u64;
+    // struct kernel_sigaction { handler, flags, restorer, mask }
+    for v in [at(handler), SA_RESTORER, at(restorer), 0] {
+        c.extend_from_slice(&v.to_le_bytes());
+    }
+    for l in lea_at {
+        let rel = (act - (l + 7)) as u32;
+        c[l + 3..l + 7].copy_from_slice(&rel.to_le_bytes());
+    }
+    c
 }
 
 fn imm32(op: &[u8], v: u32) -> Vec<u8> {
@@ -42,6 +83,7 @@ fn code(stub: &Stub) -> Vec<u8> {
             c
         }
         Stub::Hang => hang(),
+        Stub::Pause => pause(),
         Stub::SayAndPowerOff(msg) => {
             let msg = msg.as_bytes();
             let mut c = imm32(&[0xB8], 1); // mov eax, 1 (write)
@@ -129,11 +171,51 @@ mod tests {
         assert_eq!(child.wait().unwrap().signal(), Some(9));
     }
 
+    /// The signal numbers whose handlers /proc/PID/status says are installed (SigCgt).
+    fn caught(pid: u32) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        let hex = status
+            .lines()
+            .find_map(|l| l.strip_prefix("SigCgt:"))
+            .unwrap()
+            .trim();
+        u64::from_str_radix(hex, 16).unwrap()
+    }
+
+    #[test]
+    fn pause_stub_exits_0_on_sigterm_and_sigint_and_sleeps_through_others() {
+        use nix::sys::signal::{kill, Signal};
+        let d = tempfile::tempdir().unwrap();
+        let p = write_exe(d.path(), "pause", &Stub::Pause);
+        let want = (1u64 << (15 - 1)) | (1 << (2 - 1));
+        for sig in [Signal::SIGTERM, Signal::SIGINT] {
+            let mut child = std::process::Command::new(&p).spawn().unwrap();
+            let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+            // Signal only once the handlers are in: before that SIGTERM would kill it.
+            let t = std::time::Instant::now();
+            while caught(child.id()) & want != want {
+                assert!(t.elapsed().as_secs() < 10, "handlers never installed");
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            kill(pid, Signal::SIGSTOP).unwrap();
+            kill(pid, Signal::SIGCONT).unwrap();
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            assert!(
+                child.try_wait().unwrap().is_none(),
+                "ended by SIGSTOP/SIGCONT"
+            );
+            kill(pid, sig).unwrap();
+            let st = child.wait().unwrap();
+            assert_eq!(st.code(), Some(0), "{sig}: {st:?}");
+        }
+    }
+
     #[test]
     fn stubs_are_static_elf_executables() {
         for s in [
             Stub::Exit(1),
             Stub::Hang,
+            Stub::Pause,
             Stub::SayAndPowerOff("hello\n".into()),
         ] {
             let b = elf(&s);

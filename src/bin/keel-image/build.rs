@@ -5,7 +5,7 @@ use clap::{Args, Subcommand};
 use keelos::disk::LayoutSpec;
 use keelos::image::debian::PackageCache;
 use keelos::image::release::{self, Broken, ReleaseInputs};
-use keelos::image::{diskimg, esp, uki, ImageError};
+use keelos::image::{diskimg, esp, oci, uki, ImageError};
 use std::path::{Path, PathBuf};
 
 #[derive(Subcommand)]
@@ -17,6 +17,20 @@ pub enum BuildCmd {
     /// Create a bootable disk from a release: the boot stage (a UKI) on the ESP, its root image
     /// in slot A (active, successful), STATE with the node's PKI and configuration.
     Disk(DiskArgs),
+    /// Write the pod sandbox ("pause") image as an OCI image layout into OUT (absent or empty):
+    /// one uncompressed layer holding /pause, a static program that sleeps until SIGTERM or
+    /// SIGINT and then exits 0. Reproducible; prints the manifest digest.
+    PauseImage(PauseImageArgs),
+}
+
+#[derive(Args)]
+pub struct PauseImageArgs {
+    /// The OCI image layout directory to create.
+    #[arg(long)]
+    out: PathBuf,
+    /// The tag the layout's index.json names the image by.
+    #[arg(long, default_value = oci::PAUSE_TAG)]
+    tag: String,
 }
 
 #[derive(Args)]
@@ -120,6 +134,12 @@ fn err(e: ImageError) -> String {
 
 pub fn run(cmd: BuildCmd) -> Result<(), String> {
     match cmd {
+        BuildCmd::PauseImage(a) => {
+            let image = oci::pause_image(&a.tag).map_err(|e| e.to_string())?;
+            oci::write_layout(&image, &a.out).map_err(|e| e.to_string())?;
+            println!("{}", image.manifest.digest);
+            Ok(())
+        }
         BuildCmd::Release(a) => {
             let trust = release::trusted_keys_from_files(&a.trust).map_err(|e| e.to_string())?;
             let signer = a
