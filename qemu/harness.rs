@@ -73,6 +73,10 @@ pub struct VmSpec {
     pub disk: PathBuf,
     /// The loopback port the guest's 10.0.2.100:8080 reaches (the test's update server).
     pub http_port: Option<u16>,
+    /// More host services the guest reaches: (port on 10.0.2.100, loopback port).
+    pub forwards: Vec<(u16, u16)>,
+    /// Guest memory; 1024 MiB when `None`.
+    pub memory_mib: Option<u32>,
     pub serial_log: PathBuf,
 }
 
@@ -98,6 +102,12 @@ impl Vm {
                 ",guestfwd=tcp:10.0.2.100:8080-cmd:socat - TCP:127.0.0.1:{p}"
             ));
         }
+        for (guest, host) in &spec.forwards {
+            net.push_str(&format!(
+                ",guestfwd=tcp:10.0.2.100:{guest}-cmd:socat - TCP:127.0.0.1:{host}"
+            ));
+        }
+        let memory = spec.memory_mib.unwrap_or(1024).to_string();
         // The log is appended to across reboots of the same guest; a new guest starts clean.
         let _ = std::fs::remove_file(&spec.serial_log);
         let mut cmd = Command::new("qemu-system-x86_64");
@@ -105,7 +115,7 @@ impl Vm {
             "-accel",
             "tcg",
             "-m",
-            "1024",
+            &memory,
             "-nodefaults",
             "-no-user-config",
         ])

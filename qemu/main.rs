@@ -7,6 +7,7 @@
 #![allow(clippy::unwrap_used, clippy::panic)] // test code: a failed step is a failed test
 
 mod harness;
+mod kubernetes;
 mod node;
 mod server;
 
@@ -82,6 +83,8 @@ fn probe_initramfs_reaches_userspace() {
         },
         disk,
         http_port: None,
+        forwards: Vec::new(),
+        memory_mib: None,
         serial_log: dir.path().join("serial.log"),
     });
     vm.wait_serial(msg.trim_end(), 0, BOOT_LIMIT)
@@ -392,6 +395,8 @@ fn v1_boots_keel_init_mounts_the_slot_and_starts_containerd() {
         },
         disk: disk.clone(),
         http_port: None,
+        forwards: Vec::new(),
+        memory_mib: None,
         serial_log: d.join("serial.log"),
     });
     let at = vm

@@ -88,7 +88,41 @@ const RELEASES: &[(&str, &str, Option<&str>, Option<&str>)] = &[
     ("s0", "1.0.9", None, None),
     ("s1", "1.1.0", None, None),
     ("s2", "1.2.0", None, None),
+    // Kubernetes nodes (see KUBE): with the stock kubelet
+    ("k1", "1.5.0", None, None),
+    ("k2", "1.6.0", None, None),
+    ("k-bad", "1.6.1-kubelet-exits", Some("kubelet-exits"), None),
 ];
+
+/// The releases built with `--kubelet` (the stock kubelet `image/kube/build` makes).
+const KUBE: &[&str] = &["k1", "k2", "k-bad"];
+
+/// The stock binaries in `$KEEL_CACHE/kube/<version>`, built by `image/kube/build` when one is
+/// missing (about 9 minutes cold for all four, 0 s cached). Returns their directory.
+pub fn kube_binaries() -> PathBuf {
+    static BUILT: Mutex<()> = Mutex::new(());
+    let _g = BUILT.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = keelos::cluster::default_bin_dir();
+    let all = [
+        "kubelet",
+        "etcd",
+        "kube-apiserver",
+        "kube-controller-manager",
+    ];
+    let missing: Vec<&str> = all.into_iter().filter(|c| !dir.join(c).is_file()).collect();
+    if !missing.is_empty() {
+        let t0 = Instant::now();
+        run_ok(
+            Command::new(harness::repo().join("image/kube/build")).args(&missing),
+            "image/kube/build",
+        );
+        eprintln!(
+            "timing: image/kube/build {missing:?}: {:.1} s",
+            t0.elapsed().as_secs_f64()
+        );
+    }
+    dir
+}
 
 /// The signed releases' security versions; each is signed with the first of [`release_keys`]
 /// and trusts both.
@@ -142,6 +176,9 @@ fn build(dir: &Path, name: &str) {
         .arg("--cache")
         .arg(&harness::cache().dir)
         .args(["--zstd-level", "3"]);
+    if KUBE.contains(&name) {
+        c.arg("--kubelet").arg(kube_binaries().join("kubelet"));
+    }
     if let Some(b) = broken {
         c.args(["--broken", b]);
     }
@@ -245,6 +282,10 @@ pub struct Node {
     pub disk: PathBuf,
     pub vm: Option<Vm>,
     pub server: UpdateServer,
+    /// More host services this node's guest reaches ([`VmSpec::forwards`]).
+    pub forwards: Vec<(u16, u16)>,
+    /// Guest memory ([`VmSpec::memory_mib`]).
+    pub memory_mib: Option<u32>,
 }
 
 /// What a node is told to install: the URLs its update server serves and the digest.
@@ -348,6 +389,8 @@ impl Node {
             disk,
             vm: None,
             server,
+            forwards: Vec::new(),
+            memory_mib: None,
         }
     }
 
@@ -433,6 +476,8 @@ impl Node {
             boot,
             disk: self.disk.clone(),
             http_port: Some(self.server.port),
+            forwards: self.forwards.clone(),
+            memory_mib: self.memory_mib,
             serial_log: self.dir.path().join("serial.log"),
         }));
     }

@@ -16,6 +16,8 @@ pub struct ServiceView {
     pub pid: u32,
     pub restarts: u32,
     pub detail: String,
+    /// Resident memory of the running process, bytes (0: not running or not known).
+    pub rss_bytes: u64,
 }
 
 /// A control call failed.
@@ -127,6 +129,7 @@ impl NodeControl for InitSocket {
                     name: s.name,
                     pid: s.pid.map_or(0, |p| p.max(0) as u32),
                     restarts: s.restarts,
+                    rss_bytes: s.rss_kib.unwrap_or(0).saturating_mul(1024),
                     detail: [
                         s.uptime_secs.map(|u| format!("up {u}s")),
                         s.last_exit.map(|e| format!("last run {e}")),

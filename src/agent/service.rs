@@ -956,6 +956,7 @@ impl<D: NodeDisk, C: Connect> Keel for Agent<D, C> {
                     pid: s.pid,
                     restarts: s.restarts,
                     detail: s.detail,
+                    rss_bytes: s.rss_bytes,
                 })
                 .collect(),
         }))

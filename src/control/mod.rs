@@ -73,6 +73,12 @@ pub enum ServiceState {
     Absent,
 }
 
+/// VmRSS (KiB) from the text of /proc/PID/status.
+pub fn vm_rss_kib(status: &str) -> Option<u64> {
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
 /// One line of `list_services`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ServiceStatus {
@@ -91,6 +97,9 @@ pub struct ServiceStatus {
     /// Why it is failed, when it is.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// The running process's resident memory (VmRSS), in KiB.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rss_kib: Option<u64>,
 }
 
 /// A reply from keel-init.
@@ -316,12 +325,13 @@ mod tests {
                 uptime_secs: Some(30),
                 last_exit: None,
                 error: None,
+                rss_kib: Some(20480),
             }],
         };
         assert_eq!(
             String::from_utf8(encode(&resp)).unwrap(),
             "{\"reply\":\"services\",\"services\":[{\"name\":\"keel-agent\",\"state\":\"running\",\
-             \"pid\":7,\"restarts\":2,\"uptime_secs\":30}]}\n"
+             \"pid\":7,\"restarts\":2,\"uptime_secs\":30,\"rss_kib\":20480}]}\n"
         );
         assert_eq!(
             serde_json::from_str::<Request>(r#"{"v":1,"op":"power_off"}"#)
@@ -336,5 +346,15 @@ mod tests {
         let err = Client::connect(Path::new("/nonexistent/init.sock"), Duration::from_secs(1))
             .unwrap_err();
         assert!(err.to_string().contains("/nonexistent/init.sock"), "{err}");
+    }
+
+    #[test]
+    fn resident_memory_from_proc_status() {
+        let own = std::fs::read_to_string("/proc/self/status").unwrap();
+        assert!(vm_rss_kib(&own).is_some_and(|k| k > 0));
+        let text = "Name:\tkubelet\nVmPeak:\t 2000 kB\nVmRSS:\t   48212 kB\nThreads:\t12\n";
+        assert_eq!(vm_rss_kib(text), Some(48212));
+        // a kernel thread has no VmRSS line
+        assert_eq!(vm_rss_kib("Name:\tkthreadd\nState:\tS\n"), None);
     }
 }

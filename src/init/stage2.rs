@@ -187,6 +187,12 @@ fn watchdog_nowayout(class: &Path) -> bool {
         .unwrap_or(false)
 }
 
+/// A process's resident memory in KiB (VmRSS in /proc/PID/status).
+fn rss_kib(pid: i32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    crate::control::vm_rss_kib(&status)
+}
+
 fn agent_serving(addr: Option<SocketAddr>) -> bool {
     addr.is_some_and(|a| TcpStream::connect_timeout(&a, Duration::from_millis(300)).is_ok())
 }
@@ -476,7 +482,11 @@ pub fn run(opts: &Stage2Options) -> ShutdownKind {
             while let Ok(c) = s.commands.try_recv() {
                 match c {
                     Command::List(reply) => {
-                        let _ = reply.send(sup.status(now));
+                        let mut list = sup.status(now);
+                        for s in &mut list {
+                            s.rss_kib = s.pid.and_then(rss_kib);
+                        }
+                        let _ = reply.send(list);
                     }
                     Command::Restart(name, reply) => {
                         let _ = reply.send(sup.restart(&name, now));

@@ -410,6 +410,7 @@ impl Supervisor {
                     uptime_secs: since.map(|t| now.saturating_sub(t).as_secs()),
                     last_exit: s.last_exit.clone(),
                     error,
+                    rss_kib: None,
                 }
             })
             .collect()

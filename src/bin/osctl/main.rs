@@ -702,12 +702,17 @@ async fn command(cli: &Cli, client: &mut Client) -> Result<(), E> {
                     .map(|s| json!({
                         "name": s.name, "state": s.state, "pid": s.pid,
                         "restarts": s.restarts, "detail": s.detail,
+                        "rss_bytes": s.rss_bytes,
                     }))
                     .collect::<Vec<_>>()));
             } else {
                 for s in &r.services {
+                    let rss = match s.rss_bytes {
+                        0 => String::new(),
+                        b => format!("rss {:.1} MiB; ", b as f64 / 1048576.0),
+                    };
                     println!(
-                        "{:<20} {:<10} pid {:<8} restarts {} {}",
+                        "{:<20} {:<10} pid {:<8} restarts {} {rss}{}",
                         s.name, s.state, s.pid, s.restarts, s.detail
                     );
                 }
