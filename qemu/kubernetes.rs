@@ -14,13 +14,11 @@ use crate::node::{self, Node};
 use k8s_openapi::api::core::v1::{Node as KubeNode, Pod};
 use keelos::cluster::{ControlPlane, Options};
 use kube::api::{Api, PostParams};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 /// The node's name in the cluster.
 const NODE: &str = "keel-k8s";
-/// The tag the pause image is pushed with (the one Kubernetes v1.35 names).
-const PAUSE_TAG: &str = "3.10.1";
+const PAUSE_TAG: &str = keelos::image::oci::PAUSE_TAG;
 /// The node's boot deadline: kubelet must answer its health endpoint, and the API server have
 /// the node Ready, for the health window before it (stage 2 to healthy took 26 s here alone).
 const KUBE_DEADLINE_SECS: u64 = 90;
@@ -56,24 +54,11 @@ impl Cluster {
             .block_on(cp.admin_client())
             .unwrap_or_else(|e| panic!("admin client: {e}"));
 
-        // the pause image, built by keel-image, pushed to a real registry with skopeo
-        let layout = dir.path().join("pause-oci");
-        node::run_ok(
-            Command::new(node::KEEL_IMAGE)
-                .args(["build", "pause-image", "--out"])
-                .arg(&layout)
-                .args(["--tag", PAUSE_TAG]),
-            "keel-image build pause-image",
-        );
+        // the pause image keel-image makes, pushed to a real registry with skopeo
         let registry = keelos::cluster::registry::Registry::start(&dir.path().join("registry"))
             .unwrap_or_else(|e| panic!("{e}"));
-        keelos::cluster::registry::push_oci_layout(
-            &layout,
-            PAUSE_TAG,
-            &registry,
-            &format!("pause:{PAUSE_TAG}"),
-        )
-        .unwrap_or_else(|e| panic!("{e}"));
+        keelos::cluster::registry::push_pause_image(&registry, dir.path())
+            .unwrap_or_else(|e| panic!("{e}"));
         Cluster {
             rt,
             cp,
@@ -92,27 +77,23 @@ impl Cluster {
         format!("{}/pause:{PAUSE_TAG}", self.guest_registry())
     }
 
-    /// The node configuration's `kubernetes` section for this cluster.
+    /// The node configuration's `kubernetes` section for this cluster (keel-cluster's, as
+    /// `keel-cluster up --registry --node-config` writes it) with a label, require_ready and a
+    /// static pod.
     fn section(&self) -> serde_json::Value {
-        let ca = std::fs::read_to_string(self.cp.layout.pki.ca_cert()).unwrap();
-        let static_pod = serde_json::json!({
+        let mut k = self
+            .cp
+            .guest_kubernetes_section(NODE, Some(self.registry.port))
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(k["sandbox_image"], self.pause_image().as_str());
+        k["node_labels"] = serde_json::json!({"keelos.dev/test": "kubernetes"});
+        k["require_ready"] = true.into();
+        k["static_pods"] = serde_json::json!([{
             "apiVersion": "v1", "kind": "Pod",
             "metadata": {"name": "static-pause", "namespace": "default"},
             "spec": {"containers": [{"name": "pause", "image": self.pause_image()}]}
-        });
-        serde_json::json!({
-            "api_server": format!("https://10.0.2.100:{}", self.cp.ports.apiserver),
-            "ca_cert": ca,
-            "bootstrap_token": self.cp.token.to_string(),
-            "node_name": NODE,
-            "node_labels": {"keelos.dev/test": "kubernetes"},
-            "sandbox_image": self.pause_image(),
-            "registry_mirrors": {
-                self.guest_registry(): [format!("http://{}", self.guest_registry())]
-            },
-            "require_ready": true,
-            "static_pods": [static_pod],
-        })
+        }]);
+        k
     }
 
     fn node(&self) -> Option<KubeNode> {
@@ -276,6 +257,39 @@ fn a_kubernetes_node_joins_runs_pods_survives_an_update_and_rolls_back_a_broken_
         t0.elapsed(),
     );
     let before = restart_count(&p);
+    // a pod with volumes kubelet mounts (util-linux mount in the image): the projected service
+    // account token and an emptyDir in memory, both tmpfs
+    let vols: Pod = serde_json::from_value(serde_json::json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "volumes", "namespace": "default"},
+        "spec": {
+            "nodeName": NODE,
+            "containers": [{"name": "pause", "image": cl.pause_image(),
+                "volumeMounts": [{"name": "scratch", "mountPath": "/scratch"}]}],
+            "volumes": [{"name": "scratch", "emptyDir": {"medium": "Memory"}}]
+        }
+    }))
+    .unwrap();
+    let t0 = Instant::now();
+    cl.rt
+        .block_on(api.create(&PostParams::default(), &vols))
+        .unwrap_or_else(|e| panic!("creating pod volumes: {e}"));
+    let v = cl.wait_running("volumes", 0, Duration::from_secs(300));
+    timing(
+        test,
+        "pod with a token and a memory emptyDir created to Running",
+        t0.elapsed(),
+    );
+    let mounts = v.spec.unwrap().containers[0]
+        .volume_mounts
+        .clone()
+        .unwrap_or_default();
+    assert!(
+        mounts
+            .iter()
+            .any(|m| m.mount_path == "/var/run/secrets/kubernetes.io/serviceaccount"),
+        "no service account token mounted: {mounts:?}"
+    );
     let mirror = cl.wait_running(&format!("static-pause-{NODE}"), 0, Duration::from_secs(300));
     let annotations = mirror.metadata.annotations.unwrap_or_default();
     assert!(
@@ -283,7 +297,7 @@ fn a_kubernetes_node_joins_runs_pods_survives_an_update_and_rolls_back_a_broken_
         "static-pause-{NODE} is not a mirror pod: {annotations:?}"
     );
 
-    // kubelet's memory with two pods running and nothing changing, from `osctl services`
+    // kubelet's memory with three pods running and nothing changing, from `osctl services`
     std::thread::sleep(Duration::from_secs(20));
     let out = n
         .osctl(&["--output", "json", "services"])

@@ -190,10 +190,14 @@ fn release_pipeline_is_reproducible_and_audited() {
         "/usr/lib/cni/host-local",
         "/usr/lib/cni/loopback",
         "/usr/lib/cni/portmap",
+        "/usr/bin/mount",
+        "/usr/bin/umount",
+        "/lib/x86_64-linux-gnu/libmount.so.1",
         "/lib/x86_64-linux-gnu/libc.so.6",
         "/lib/x86_64-linux-gnu/libseccomp.so.2",
         "/lib64/ld-linux-x86-64.so.2",
         "/etc/os-release",
+        "/etc/hosts",
         "squashfs-root/state",
     ] {
         assert!(list.contains(want), "{want} not in the root image:\n{list}");

@@ -34,6 +34,17 @@ enum Cmd {
         /// Seconds start-up may take.
         #[arg(long, default_value_t = 300)]
         timeout: u64,
+        /// Also run an OCI registry on loopback (Debian's docker-registry, in DIR/registry)
+        /// holding the pause image `keel-image build pause-image` makes, pushed with skopeo.
+        #[arg(long)]
+        registry: bool,
+        /// Write a node configuration (DHCP, and a `kubernetes` section joining this cluster
+        /// from a QEMU guest through guestfwds) to this file.
+        #[arg(long)]
+        node_config: Option<PathBuf>,
+        /// The node name in that configuration.
+        #[arg(long, default_value = "keel-node-1")]
+        node_name: String,
     },
 }
 
@@ -55,6 +66,9 @@ async fn run(cli: Cli) -> Result<(), cluster::ClusterError> {
         bin_dir,
         advertise_address,
         timeout,
+        registry,
+        node_config,
+        node_name,
     } = cli.cmd;
     let dir = if dir.is_absolute() {
         dir
@@ -86,6 +100,26 @@ async fn run(cli: Cli) -> Result<(), cluster::ClusterError> {
         }
     };
     let mut cp = start?;
+    let registry = if registry {
+        let r = cluster::registry::Registry::start(&dir.join("registry"))
+            .and_then(|r| cluster::registry::push_pause_image(&r, &dir).map(|d| (r, d)));
+        match r {
+            Ok(r) => Some(r),
+            Err(e) => {
+                cp.stop();
+                return Err(cluster::ClusterError::Registry(e));
+            }
+        }
+    } else {
+        None
+    };
+    if let Some(path) = &node_config {
+        let k = cp.guest_kubernetes_section(&node_name, registry.as_ref().map(|r| r.0.port))?;
+        let cfg = serde_json::json!({"version": 1, "kubernetes": k});
+        let text = serde_json::to_string_pretty(&cfg).unwrap_or_default() + "\n";
+        keelos::pki::write_file(path, &text, true)
+            .map_err(|e| cluster::ClusterError::NodeConfig(e.to_string()))?;
+    }
     let l = &cp.layout;
     let kc = l.admin_kubeconfig();
     let pki = &l.pki;
@@ -98,6 +132,16 @@ async fn run(cli: Cli) -> Result<(), cluster::ClusterError> {
     println!("cluster CA:        {}", pki.ca_cert().display());
     println!("bootstrap token:   {}", cp.token);
     println!("logs:              {}", l.log_dir().display());
+    if let Some((r, digest)) = &registry {
+        println!(
+            "registry:          {} (pause:{} {digest})",
+            r.host(),
+            keelos::image::oci::PAUSE_TAG
+        );
+    }
+    if let Some(p) = &node_config {
+        println!("node config:       {} (node {node_name})", p.display());
+    }
     println!();
     println!("  kubectl --kubeconfig {} get nodes", kc.display());
     println!(
@@ -113,6 +157,14 @@ async fn run(cli: Cli) -> Result<(), cluster::ClusterError> {
         cp.ports.apiserver,
         cp.ports.apiserver
     );
+    if let Some((r, _)) = &registry {
+        println!(
+            "                                   guestfwd=tcp:{}:{}-cmd:socat - TCP:127.0.0.1:{}",
+            cluster::pki::GUEST_HOST_IP,
+            r.port,
+            r.port
+        );
+    }
     println!();
     println!("Ctrl-C stops it.");
     loop {

@@ -45,6 +45,10 @@ pub enum ClusterError {
     },
     #[error("cluster PKI: {0}")]
     Pki(String),
+    #[error("the test registry: {0}")]
+    Registry(String),
+    #[error("writing the node configuration: {0}")]
+    NodeConfig(String),
     #[error(
         "{0:?} is not a bootstrap token (<6 of [a-z0-9]>.<16 of [a-z0-9]>); delete the \
          bootstrap-token file in the cluster directory to get a new one"
@@ -467,6 +471,31 @@ impl ControlPlane {
     /// https://127.0.0.1:PORT
     pub fn api_url(&self) -> String {
         format!("https://127.0.0.1:{}", self.ports.apiserver)
+    }
+
+    /// The `kubernetes` section of a node configuration that joins this control plane from a
+    /// QEMU guest, which reaches the host at [`pki::GUEST_HOST_IP`] through guestfwds on the
+    /// same ports: the API server, the cluster CA, the bootstrap token, `node_name`, and, with a
+    /// registry port, the sandbox image from that registry (`pause:`[`crate::image::oci::PAUSE_TAG`],
+    /// as [`registry::push_pause_image`] pushes it) reached over plain HTTP.
+    pub fn guest_kubernetes_section(
+        &self,
+        node_name: &str,
+        registry_port: Option<u16>,
+    ) -> Result<serde_json::Value, ClusterError> {
+        let ca = read(&self.layout.pki.ca_cert())?;
+        let mut k = serde_json::json!({
+            "api_server": format!("https://{}:{}", pki::GUEST_HOST_IP, self.ports.apiserver),
+            "ca_cert": ca,
+            "bootstrap_token": self.token.to_string(),
+            "node_name": node_name,
+        });
+        if let Some(port) = registry_port {
+            let host = format!("{}:{port}", pki::GUEST_HOST_IP);
+            k["sandbox_image"] = format!("{host}/pause:{}", crate::image::oci::PAUSE_TAG).into();
+            k["registry_mirrors"] = serde_json::json!({ host.clone(): [format!("http://{host}")] });
+        }
+        Ok(k)
     }
 
     /// A kube-rs client with the admin certificate (system:masters).

@@ -213,6 +213,23 @@ pub fn push_oci_layout(
     ))
 }
 
+/// Build the pause image ([`crate::image::oci::pause_image`]) into `work/pause-oci` and push it
+/// to `registry` as `pause:`[`crate::image::oci::PAUSE_TAG`]. Returns the manifest digest.
+pub fn push_pause_image(registry: &Registry, work: &Path) -> Result<String, String> {
+    use crate::image::oci;
+    let image = oci::pause_image(oci::PAUSE_TAG).map_err(|e| e.to_string())?;
+    let layout = work.join("pause-oci");
+    let _ = std::fs::remove_dir_all(&layout);
+    oci::write_layout(&image, &layout).map_err(|e| e.to_string())?;
+    push_oci_layout(
+        &layout,
+        oci::PAUSE_TAG,
+        registry,
+        &format!("pause:{}", oci::PAUSE_TAG),
+    )?;
+    Ok(image.manifest.digest)
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {

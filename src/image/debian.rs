@@ -49,6 +49,8 @@ pub struct Versions {
     pub runc_version: String,
     /// containernetworking-plugins (the CNI plugins in /usr/lib/cni).
     pub cni_plugins_version: String,
+    /// util-linux's `mount` (mount and umount: kubelet mounts pod volumes with them).
+    pub mount_version: String,
 }
 
 impl Versions {
@@ -81,6 +83,7 @@ impl Versions {
             containerd_version: get("CONTAINERD_VERSION")?,
             runc_version: get("RUNC_VERSION")?,
             cni_plugins_version: get("CNI_PLUGINS_VERSION")?,
+            mount_version: get("MOUNT_VERSION")?,
         })
     }
 
@@ -220,7 +223,8 @@ mod tests {
         let v = Versions::parse(
             "# pins\nKERNEL_PACKAGE=linux-image-6.1.0-47-amd64\nKERNEL_VERSION=6.1.170-3\n\
              KERNEL_RELEASE=6.1.0-47-amd64\nCONTAINERD_VERSION=\"1.6.20~ds1-1+deb12u3\"\n\
-             RUNC_VERSION=1.1.5+ds1-1+deb12u1\nCNI_PLUGINS_VERSION=1.1.1+ds1-3+b5\n",
+             RUNC_VERSION=1.1.5+ds1-1+deb12u1\nCNI_PLUGINS_VERSION=1.1.1+ds1-3+b5\n\
+             MOUNT_VERSION=2.38.1-5+deb12u3\n",
             "v.env",
         )
         .unwrap();

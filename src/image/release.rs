@@ -860,6 +860,7 @@ pub fn root_tree(
             "containerd" => &v.containerd_version,
             "runc" => &v.runc_version,
             "containernetworking-plugins" => &v.cni_plugins_version,
+            "mount" => &v.mount_version,
             other => {
                 return Err(ImageError::List {
                     file: list_path.display().to_string(),
@@ -884,12 +885,18 @@ pub fn root_tree(
         t.host_file(dst, host, mode)?;
     }
     t.bytes("etc/os-release", os_release(version), 0o644)?;
+    // containerd copies the host's /etc/hosts into every pod sandbox (and refuses a pod without
+    // it); the node's own names: loopback only
+    t.bytes("etc/hosts", ETC_HOSTS, 0o644)?;
     // the root is read-only: keel-init writes the DHCP lease's resolver on /run (a tmpfs)
     t.symlink("etc/resolv.conf", crate::net::RESOLV_CONF)?;
     add_libraries(&mut t, Path::new("/"))?;
     audit::audit(&t)?;
     Ok(t)
 }
+
+/// The root's /etc/hosts.
+pub const ETC_HOSTS: &str = "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n";
 
 /// Build an uncompressed, reproducible SquashFS of `t` at `out`.
 pub fn squashfs(t: &Tree, out: &Path, work: &Path) -> Result<(), ImageError> {
