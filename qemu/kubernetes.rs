@@ -96,6 +96,22 @@ impl Cluster {
         k
     }
 
+    /// Create pod `name` in the default namespace with `spec`; returns when it was created.
+    fn create_pod(&self, name: &str, spec: serde_json::Value) -> Instant {
+        let pod: Pod = serde_json::from_value(serde_json::json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "namespace": "default"},
+            "spec": spec,
+        }))
+        .unwrap();
+        let api: Api<Pod> = Api::namespaced(self.client.clone(), "default");
+        let t0 = Instant::now();
+        self.rt
+            .block_on(api.create(&PostParams::default(), &pod))
+            .unwrap_or_else(|e| panic!("creating pod {name}: {e}"));
+        t0
+    }
+
     fn node(&self) -> Option<KubeNode> {
         let api: Api<KubeNode> = Api::all(self.client.clone());
         self.rt.block_on(api.get_opt(NODE)).ok().flatten()
@@ -235,21 +251,14 @@ fn a_kubernetes_node_joins_runs_pods_survives_an_update_and_rolls_back_a_broken_
     assert_eq!(st["os_version"], "KeelOS 1.5.0", "{st}");
 
     // (2) a pod pinned to the node, its image from the local registry; the static pod's mirror
-    let pod: Pod = serde_json::from_value(serde_json::json!({
-        "apiVersion": "v1", "kind": "Pod",
-        "metadata": {"name": "pinned", "namespace": "default"},
-        "spec": {
+    let t0 = cl.create_pod(
+        "pinned",
+        serde_json::json!({
             "nodeName": NODE,
             "automountServiceAccountToken": false,
             "containers": [{"name": "pause", "image": cl.pause_image()}]
-        }
-    }))
-    .unwrap();
-    let api: Api<Pod> = Api::namespaced(cl.client.clone(), "default");
-    let t0 = Instant::now();
-    cl.rt
-        .block_on(api.create(&PostParams::default(), &pod))
-        .unwrap_or_else(|e| panic!("creating pod pinned: {e}"));
+        }),
+    );
     let p = cl.wait_running("pinned", 0, Duration::from_secs(300));
     timing(
         test,
@@ -259,21 +268,15 @@ fn a_kubernetes_node_joins_runs_pods_survives_an_update_and_rolls_back_a_broken_
     let before = restart_count(&p);
     // a pod with volumes kubelet mounts (util-linux mount in the image): the projected service
     // account token and an emptyDir in memory, both tmpfs
-    let vols: Pod = serde_json::from_value(serde_json::json!({
-        "apiVersion": "v1", "kind": "Pod",
-        "metadata": {"name": "volumes", "namespace": "default"},
-        "spec": {
+    let t0 = cl.create_pod(
+        "volumes",
+        serde_json::json!({
             "nodeName": NODE,
             "containers": [{"name": "pause", "image": cl.pause_image(),
                 "volumeMounts": [{"name": "scratch", "mountPath": "/scratch"}]}],
             "volumes": [{"name": "scratch", "emptyDir": {"medium": "Memory"}}]
-        }
-    }))
-    .unwrap();
-    let t0 = Instant::now();
-    cl.rt
-        .block_on(api.create(&PostParams::default(), &vols))
-        .unwrap_or_else(|e| panic!("creating pod volumes: {e}"));
+        }),
+    );
     let v = cl.wait_running("volumes", 0, Duration::from_secs(300));
     timing(
         test,

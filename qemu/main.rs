@@ -202,6 +202,22 @@ fn release_pipeline_is_reproducible_and_audited() {
     ] {
         assert!(list.contains(want), "{want} not in the root image:\n{list}");
     }
+    // programs keep their execute bits wherever the package puts them (containerd runs the
+    // CNI plugins from /usr/lib/cni; kubelet runs mount)
+    for prog in [
+        "/usr/lib/cni/bridge",
+        "/usr/lib/cni/host-local",
+        "/usr/lib/cni/loopback",
+        "/usr/bin/mount",
+        "/usr/bin/umount",
+        "/usr/sbin/runc",
+    ] {
+        let line = list
+            .lines()
+            .find(|l| l.ends_with(prog))
+            .unwrap_or_else(|| panic!("{prog} not in the root image"));
+        assert!(line.starts_with("-rwxr-xr-x"), "{line}");
+    }
     for line in list.lines() {
         let name = line.rsplit('/').next().unwrap_or("");
         assert!(

@@ -877,10 +877,19 @@ pub fn root_tree(
                 path: host.display().to_string(),
             });
         }
-        let mode = if src.contains("/bin/") || src.contains("/sbin/") {
-            0o755
-        } else {
-            0o644
+        // the package's own permission bits (programs outside bin/: the CNI plugins in
+        // /usr/lib/cni), without setuid/setgid (the image runs everything as root)
+        let mode = {
+            use std::os::unix::fs::PermissionsExt;
+            let m = std::fs::metadata(&host)
+                .map_err(io(host.display().to_string()))?
+                .permissions()
+                .mode();
+            if m & 0o111 != 0 {
+                0o755
+            } else {
+                0o644
+            }
         };
         t.host_file(dst, host, mode)?;
     }
