@@ -4,7 +4,7 @@
 //! reaches both through QEMU guestfwds at 10.0.2.100. Tests talk to the API with kube-rs.
 //!
 //! One node carries the whole story (each boot under TCG costs minutes): it gets its address by
-//! DHCP, joins with a bootstrap token and goes Ready; a pod pinned to it and a static pod from
+//! DHCP, is told to join with `osctl config apply` (a bootstrap token) and goes Ready; a pod pinned to it and a static pod from
 //! its configuration run; a full update and reboot bring it back Ready on the new release with
 //! the pod running again; an update whose kubelet cannot start rolls back by itself to the
 //! release before, Ready again.
@@ -202,9 +202,8 @@ fn a_kubernetes_node_joins_runs_pods_survives_an_update_and_rolls_back_a_broken_
     let mut cl = Cluster::start();
     let section = cl.section();
     let mut n = Node::with_config("kubernetes", "k1", |c| {
-        // no network section: DHCP from QEMU's server
+        // no network section: DHCP from QEMU's server; no kubernetes section yet
         c.as_object_mut().unwrap().remove("network");
-        c["kubernetes"] = section;
         c["health"]["boot_deadline_secs"] = KUBE_DEADLINE_SECS.into();
     });
     n.forwards = vec![
@@ -214,13 +213,37 @@ fn a_kubernetes_node_joins_runs_pods_survives_an_update_and_rolls_back_a_broken_
     n.memory_mib = Some(2048);
     let r = node::releases();
 
-    // (1) DHCP, bootstrap-token join, Ready, and what the node reports
+    // (1) an unjoined node (no kubelet) gets its address by DHCP; `osctl config apply` with a
+    // kubernetes section makes it join with the bootstrap token at once, and it goes Ready
     n.boot();
+    n.wait_agent(Duration::from_secs(300));
+    let services = n
+        .osctl(&["--output", "json", "services"])
+        .unwrap_or_else(|e| panic!("osctl services: {e}"));
+    assert!(!services.contains("kubelet"), "{services}");
+    let mut joined: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(n.dir.path().join("node.json")).unwrap()).unwrap();
+    joined["kubernetes"] = section;
+    let file = n.dir.path().join("joined.json");
+    std::fs::write(&file, serde_json::to_vec_pretty(&joined).unwrap()).unwrap();
+    let t0 = Instant::now();
+    let applied = n
+        .osctl(&["config", "apply", file.to_str().unwrap()])
+        .unwrap_or_else(|e| panic!("osctl config apply: {e}"));
+    eprintln!("kubernetes: osctl config apply said:\n{applied}");
+    assert!(
+        applied.contains("applied now: kubelet: added and started"),
+        "{applied}"
+    );
+    assert!(
+        applied.contains("applied now: containerd: restarted with its new configuration"),
+        "{applied}"
+    );
     let k = cl.wait_ready("KeelOS 1.5.0", READY_LIMIT);
     timing(
         test,
-        "qemu start (OVMF) to node Ready",
-        n.vm().started.elapsed(),
+        "osctl config apply (join) to node Ready",
+        t0.elapsed(),
     );
     let info = k.status.unwrap().node_info.unwrap();
     assert_eq!(info.kernel_version, crate::versions().kernel_release);
@@ -338,7 +361,11 @@ fn a_kubernetes_node_joins_runs_pods_survives_an_update_and_rolls_back_a_broken_
     assert_eq!(res["ok"], true, "{res}");
     let t0 = n.reboot();
     cl.wait_ready("KeelOS 1.6.0", READY_LIMIT);
-    timing(test, "reboot into the update to node Ready", t0.elapsed());
+    timing(
+        test,
+        "reboot into the update (firmware, boot stage, kexec, slot) to node Ready",
+        t0.elapsed(),
+    );
     cl.wait_running("pinned", before + 1, Duration::from_secs(300));
     let (st, _) = n.wait_booted_successful("b", Duration::from_secs(300));
     assert_eq!(st["os_version"], "KeelOS 1.6.0", "{st}");

@@ -516,6 +516,88 @@ fn control_socket_rss_and_reboot_with_three_services() {
     assert_eq!(node.wait_end(), Some(libc::SIGHUP), "{}", node.init_log());
 }
 
+fn a_reload_takes_on_changed_added_and_removed_services() {
+    let addr = free_addr();
+    let idle = ServiceConfig::new("idle", "/bin/sleep", &["1000"]);
+    let other = ServiceConfig::new("other", "/bin/sleep", &["1001"]);
+    let cfg = base_config(&addr, vec![agent(&addr), idle, other]);
+    let node = Node::start(&cfg, &[]);
+    let s = node.wait_services("three running", |s| {
+        s.iter().all(|x| x.state == ServiceState::Running)
+    });
+    let other_pid = status(&s, "other").pid;
+
+    // the stored configuration changes: idle's arguments, other's too (not reloaded), and a
+    // new service
+    let mut next = cfg.clone();
+    next.services[1].args = vec!["2000".into()];
+    next.services[2].args = vec!["2001".into()];
+    next.services
+        .push(ServiceConfig::new("added", "/bin/sleep", &["3000"]));
+    keelos::config::store(&node.dir.path().join("node.json"), &next).expect("store");
+    let changes = node
+        .client()
+        .reload(&["idle".to_string(), "added".to_string()])
+        .expect("reload");
+    assert_eq!(
+        changes,
+        [
+            "idle: restarted with its new configuration",
+            "added: added and started"
+        ]
+    );
+    let s = node.wait_services("idle restarted and added running", |s| {
+        s.len() == 4
+            && status(s, "idle").restarts == 1
+            && s.iter().all(|x| x.state == ServiceState::Running)
+    });
+    // other was not named: same process, old arguments
+    assert_eq!(status(&s, "other").pid, other_pid);
+    let cmdline = |pid: i32| {
+        let host = node
+            .ns_procs()
+            .into_iter()
+            .find(|p| p.nspid == pid as u32)
+            .expect("the process");
+        std::fs::read_to_string(format!("/proc/{}/cmdline", host.pid)).unwrap_or_default()
+    };
+    assert!(cmdline(status(&s, "idle").pid.unwrap()).contains("2000"));
+    assert!(cmdline(status(&s, "other").pid.unwrap()).contains("1001"));
+
+    // the same reload again changes nothing
+    let again = node.client().reload(&["idle".to_string()]).expect("reload");
+    assert!(again.is_empty(), "{again:?}");
+
+    // removed from the configuration: stopped for good
+    next.services.retain(|x| x.name != "added");
+    keelos::config::store(&node.dir.path().join("node.json"), &next).expect("store");
+    let changes = node
+        .client()
+        .reload(&["added".to_string()])
+        .expect("reload");
+    assert_eq!(changes, ["added: no longer configured, stopped"]);
+    node.wait_services("added stopped", |s| {
+        status(s, "added").state == ServiceState::Stopped
+    });
+
+    // a stored configuration keel-init cannot read changes nothing
+    std::fs::write(
+        node.dir.path().join("node.json"),
+        "{\"version\": 1, \"services\": 7}",
+    )
+    .expect("write");
+    let err = node
+        .client()
+        .reload(&["idle".to_string(), "other".to_string()])
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("the stored configuration"),
+        "{err}"
+    );
+    let s = node.client().list_services().expect("list");
+    assert_eq!(status(&s, "other").pid, other_pid);
+}
+
 fn missing_binaries_are_reported_not_fatal() {
     let addr = free_addr();
     let missing = ServiceConfig::new("containerd", "/nonexistent/containerd", &[]);
@@ -643,6 +725,10 @@ fn outside_a_pid_namespace_keel_init_refuses_to_run() {
 type Test = (&'static str, fn());
 
 const TESTS: &[Test] = &[
+    (
+        "a_reload_takes_on_changed_added_and_removed_services",
+        a_reload_takes_on_changed_added_and_removed_services,
+    ),
     (
         "outside_a_pid_namespace_keel_init_refuses_to_run",
         outside_a_pid_namespace_keel_init_refuses_to_run,

@@ -44,6 +44,16 @@ pub trait NodeControl: Send + Sync + std::fmt::Debug {
     /// Lines of `service`'s log: the last `tail` (0: all kept), then new ones when `follow`.
     fn logs(&self, service: String, follow: bool, tail: u32) -> BoxFut<'_, LogStream>;
     fn reboot(&self) -> BoxFut<'_, ()>;
+    /// Have keel-init take on the stored configuration's version of `services` now; what it
+    /// did, in words. keel-inits and test doubles without it refuse.
+    fn reload(&self, services: Vec<String>) -> BoxFut<'_, Vec<String>> {
+        let _ = services;
+        Box::pin(async {
+            Err(ControlError::Unavailable(
+                "this node control cannot reload services".into(),
+            ))
+        })
+    }
 }
 
 /// The agent on a host: no keel-init, so no services, logs or reboot.
@@ -144,6 +154,10 @@ impl NodeControl for InitSocket {
         })
     }
 
+    fn reload(&self, services: Vec<String>) -> BoxFut<'_, Vec<String>> {
+        Box::pin(async move { self.call(move |c| c.reload(&services)).await })
+    }
+
     fn restart(&self, name: String) -> BoxFut<'_, String> {
         Box::pin(async move {
             let n = name.clone();
@@ -163,13 +177,10 @@ impl NodeControl for InitSocket {
             let first = tokio::task::spawn_blocking(move || {
                 let mut c = crate::control::Client::connect(&path, timeout).map_err(from_init)?;
                 if !follow {
+                    // fed to the channel after this returns: the reader only gets the receiver
+                    // then, and the channel holds 64 lines
                     let text = c.logs(&service, tail_bytes).map_err(from_init)?;
-                    for line in text.lines() {
-                        if tx.blocking_send(line.to_string()).is_err() {
-                            break;
-                        }
-                    }
-                    return Ok(None);
+                    return Ok(Err(text));
                 }
                 let stream = c.follow_logs(&service, tail_bytes).map_err(from_init)?;
                 let hang_up = stream.hang_up_handle().map_err(from_init)?;
@@ -187,23 +198,34 @@ impl NodeControl for InitSocket {
                         }
                     }
                 });
-                Ok(Some(hang_up))
+                Ok(Ok(hang_up))
             });
-            let hang_up = first.await.map_err(|e| {
+            let first = first.await.map_err(|e| {
                 ControlError::Unavailable(format!("control call did not finish: {e}"))
             })??;
-            // The reader of a quiet log may leave while the thread waits for output: hang up
-            // then, so that the thread here and keel-init's end with the stream, not at the
-            // service's next line.
-            if let Some(sock) = hang_up {
-                tokio::spawn(async move {
-                    tokio::select! {
-                        _ = closer.closed() => {
-                            let _ = sock.shutdown(std::net::Shutdown::Both);
+            match first {
+                // The reader of a quiet log may leave while the thread waits for output: hang
+                // up then, so that the thread here and keel-init's end with the stream, not at
+                // the service's next line.
+                Ok(sock) => {
+                    tokio::spawn(async move {
+                        tokio::select! {
+                            _ = closer.closed() => {
+                                let _ = sock.shutdown(std::net::Shutdown::Both);
+                            }
+                            _ = ended => {}
                         }
-                        _ = ended => {}
-                    }
-                });
+                    });
+                }
+                Err(text) => {
+                    tokio::spawn(async move {
+                        for line in text.lines() {
+                            if closer.send(line.to_string()).await.is_err() {
+                                break;
+                            }
+                        }
+                    });
+                }
             }
             Ok(rx)
         })

@@ -920,6 +920,7 @@ impl<D: NodeDisk, C: Connect> Keel for Agent<D, C> {
                 changes,
             }));
         }
+        let kubernetes_changed = old.kubernetes != new.kubernetes;
         tokio::task::spawn_blocking(move || {
             if let Some(dir) = path.parent() {
                 std::fs::create_dir_all(dir).map_err(|source| {
@@ -935,6 +936,22 @@ impl<D: NodeDisk, C: Connect> Keel for Agent<D, C> {
         .await
         .map_err(|e| internal("config", e))?
         .map_err(|e| Status::internal(e.to_string()))?;
+        let mut changes = changes;
+        // a changed kubernetes section is applied now: keel-init writes kubelet's, containerd's
+        // and CNI's files and starts, restarts or stops kubelet and containerd; everything
+        // else applies at the next boot
+        if kubernetes_changed {
+            let names = vec!["containerd".to_string(), "kubelet".to_string()];
+            match self.control.reload(names).await {
+                Ok(done) if done.is_empty() => {
+                    changes.push("applied now: kubelet and containerd unchanged".into())
+                }
+                Ok(done) => changes.extend(done.into_iter().map(|d| format!("applied now: {d}"))),
+                Err(e) => changes.push(format!(
+                    "kubernetes: stored, but not applied now ({e}); it applies at the next boot"
+                )),
+            }
+        }
         Ok(Response::new(proto::ApplyConfigReply {
             applied: true,
             changes,

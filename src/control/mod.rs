@@ -48,6 +48,10 @@ pub enum Op {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         tail_bytes: Option<u64>,
     },
+    /// Read the node configuration again and take on its version of `services` (added,
+    /// changed, removed; the rest keep theirs until the next boot), writing the Kubernetes
+    /// files first when it has a `kubernetes` section.
+    Reload { services: Vec<String> },
     /// Stop all services and reboot.
     Reboot,
     /// Stop all services and power off.
@@ -114,6 +118,10 @@ pub enum Response {
     /// Log bytes (invalid UTF-8 replaced).
     Log {
         data: String,
+    },
+    /// What a reload did, in words (empty: nothing changed).
+    Reloaded {
+        changes: Vec<String>,
     },
     Error {
         message: String,
@@ -217,6 +225,16 @@ impl Client {
         self.expect_done(Op::Restart {
             service: service.to_string(),
         })
+    }
+
+    /// Have keel-init take on the stored configuration's version of `services`.
+    pub fn reload(&mut self, services: &[String]) -> Result<Vec<String>, ControlError> {
+        match self.call(Op::Reload {
+            services: services.to_vec(),
+        })? {
+            Response::Reloaded { changes } => Ok(changes),
+            other => Err(ControlError::Unexpected(Box::new(other))),
+        }
     }
 
     /// The last `tail_bytes` (default 64 KiB) of a service's log.

@@ -29,6 +29,7 @@ pub enum ShutdownKind {
 pub enum Command {
     List(SyncSender<Vec<ServiceStatus>>),
     Restart(String, SyncSender<Result<(), String>>),
+    Reload(Vec<String>, SyncSender<Result<Vec<String>, String>>),
     Shutdown(ShutdownKind),
 }
 
@@ -214,6 +215,19 @@ fn serve(stream: UnixStream, shared: &Shared) -> std::io::Result<()> {
                 };
                 match r {
                     Ok(()) => reply(&mut w, &Response::Done)?,
+                    Err(e) => error(&mut w, e)?,
+                }
+            }
+            Op::Reload { services } => {
+                let (tx, rx) = sync_channel(1);
+                let r = if shared.send(Command::Reload(services, tx)) {
+                    rx.recv()
+                        .unwrap_or(Err("keel-init is shutting down".into()))
+                } else {
+                    Err("keel-init is shutting down".into())
+                };
+                match r {
+                    Ok(changes) => reply(&mut w, &Response::Reloaded { changes })?,
                     Err(e) => error(&mut w, e)?,
                 }
             }

@@ -131,6 +131,56 @@ fn kubernetes(cfg: &NodeConfig) -> NodeConfig {
     services
 }
 
+/// [`Command::Reload`]: read the configuration again, write the Kubernetes files (restarting
+/// containerd when its configuration file changed, kubelet when any of its files did) and take
+/// on the configuration's version of `names`.
+fn reload(
+    sup: &mut Supervisor,
+    config: &Path,
+    names: &[String],
+    now: Duration,
+) -> Result<Vec<String>, String> {
+    let cfg = match crate::config::load(config) {
+        Ok(Some(c)) => c,
+        Ok(None) => NodeConfig::default(),
+        Err(e) => return Err(format!("the stored configuration: {e}")),
+    };
+    let files = cfg
+        .kubernetes
+        .as_ref()
+        .map(crate::kube::files)
+        .unwrap_or_default();
+    let before: Vec<Option<Vec<u8>>> = files.iter().map(|f| std::fs::read(&f.path).ok()).collect();
+    let services = kubernetes(&cfg);
+    let mut restart = Vec::new();
+    for (f, old) in files.iter().zip(before) {
+        let new = std::fs::read(&f.path).ok();
+        // kubelet watches its static pod directory itself
+        if new != old && !f.path.starts_with(crate::kube::STATIC_POD_DIR) {
+            let who = if f.path == Path::new(crate::kube::CONTAINERD_CONFIG) {
+                "containerd"
+            } else {
+                "kubelet"
+            };
+            if !restart.iter().any(|r| r == who) {
+                restart.push(who.to_string());
+            }
+        }
+    }
+    restart.retain(|r| names.contains(r));
+    let changes = sup.reconfigure(&services, names, &restart, now)?;
+    log(format!(
+        "configuration reloaded for {}: {}",
+        names.join(", "),
+        if changes.is_empty() {
+            "nothing changed".to_string()
+        } else {
+            changes.join("; ")
+        }
+    ));
+    Ok(changes)
+}
+
 /// Loopback, then the node's network ([`netup::start`]: static now, DHCP in its own thread).
 fn network(cfg: &NodeConfig, params: &KernelParams) -> NetworkUp {
     match net::is_up("lo") {
@@ -490,6 +540,9 @@ pub fn run(opts: &Stage2Options) -> ShutdownKind {
                     }
                     Command::Restart(name, reply) => {
                         let _ = reply.send(sup.restart(&name, now));
+                    }
+                    Command::Reload(names, reply) => {
+                        let _ = reply.send(reload(&mut sup, &opts.config, &names, now));
                     }
                     Command::Shutdown(k) => {
                         log(format!("{k:?} requested over the control socket"));

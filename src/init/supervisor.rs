@@ -384,6 +384,108 @@ impl Supervisor {
         Ok(())
     }
 
+    /// Take on `cfg`'s version of the services named in `names` while running (a configuration
+    /// applied by the operator): one that is new is added and started in order, one whose
+    /// configuration changed is stopped and started again with it, one no longer configured is
+    /// stopped for good; `restart` names more to start again even though their configuration is
+    /// the same (their files changed). Services not in `names` keep what they run with. Nothing
+    /// changes when the result cannot be ordered. Returns what was done, in words.
+    pub fn reconfigure(
+        &mut self,
+        cfg: &NodeConfig,
+        names: &[String],
+        restart: &[String],
+        now: Duration,
+    ) -> Result<Vec<String>, String> {
+        if self.shutting_down {
+            return Err("the node is shutting down".to_string());
+        }
+        let wanted = |n: &str| names.iter().any(|x| x == n);
+        // the services after the change, in the new configuration's order, then the others
+        let mut next: Vec<ServiceConfig> = Vec::new();
+        for c in &cfg.services {
+            match self.services.iter().find(|s| s.cfg.name == c.name) {
+                Some(s) if !wanted(&c.name) => next.push(s.cfg.clone()),
+                Some(_) => next.push(c.clone()),
+                None if wanted(&c.name) => next.push(c.clone()),
+                None => {}
+            }
+        }
+        let removed: Vec<String> = self
+            .services
+            .iter()
+            .map(|s| s.cfg.name.clone())
+            .filter(|n| wanted(n) && !cfg.services.iter().any(|c| &c.name == n))
+            .collect();
+        // services not in the new configuration stay listed: kept as they are when not named,
+        // stopped below when named
+        for s in &self.services {
+            if !next.iter().any(|c| c.name == s.cfg.name) {
+                next.push(s.cfg.clone());
+            }
+        }
+        let live: Vec<ServiceConfig> = next
+            .iter()
+            .filter(|c| !removed.contains(&c.name))
+            .cloned()
+            .collect();
+        start_order(&live).map_err(|e| e.to_string())?;
+
+        let mut done = Vec::new();
+        let mut old = std::mem::take(&mut self.services);
+        for c in &next {
+            let s = match old.iter().position(|s| s.cfg.name == c.name) {
+                Some(i) => {
+                    let mut s = old.remove(i);
+                    let changed = s.cfg != *c;
+                    s.cfg = c.clone();
+                    if changed || restart.contains(&c.name) {
+                        done.push(format!(
+                            "{}: restarted{}",
+                            c.name,
+                            if changed {
+                                " with its new configuration"
+                            } else {
+                                ""
+                            }
+                        ));
+                        s.failures = 0;
+                        stop_then(&mut s, AfterStop::Restart, self.grace, now);
+                    }
+                    s
+                }
+                None => {
+                    done.push(format!("{}: added and started", c.name));
+                    Service {
+                        log: Arc::new(Mutex::new(open_log(&self.log_dir, &c.name, &cfg.logs))),
+                        cfg: c.clone(),
+                        run: Run::Waiting,
+                        starts: 0,
+                        failures: 0,
+                        last_exit: None,
+                    }
+                }
+            };
+            self.services.push(s);
+        }
+        for name in &removed {
+            let grace = self.grace;
+            if let Some(s) = self.services.iter_mut().find(|s| &s.cfg.name == name) {
+                stop_then(s, AfterStop::Stay, grace, now);
+                done.push(format!("{name}: no longer configured, stopped"));
+            }
+        }
+        let live: Vec<ServiceConfig> = self.services.iter().map(|s| s.cfg.clone()).collect();
+        // removed services stay listed (stopping, then stopped) but out of the start order
+        self.order = start_order(&live)
+            .map_err(|e| e.to_string())?
+            .into_iter()
+            .filter(|&i| !removed.contains(&self.services[i].cfg.name))
+            .collect();
+        self.tick(now);
+        Ok(done)
+    }
+
     /// The state of every service, in configuration order.
     pub fn status(&self, now: Duration) -> Vec<ServiceStatus> {
         self.services
@@ -543,6 +645,49 @@ fn no_children() -> bool {
         waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)),
         Err(Errno::ECHILD)
     )
+}
+
+/// Stop `s` (SIGTERM now, SIGKILL after the grace period) and then `then`; a service that
+/// is not running goes straight to waiting (`Restart`) or stopped (`Stay`).
+fn stop_then(s: &mut Service, then: AfterStop, grace: Duration, now: Duration) {
+    match s.run.clone() {
+        Run::Running { pid, since } => {
+            note(
+                s,
+                &format!("configuration changed; sending SIGTERM to {pid}"),
+            );
+            signal_group(pid, Signal::SIGTERM);
+            s.run = Run::Stopping {
+                pid,
+                since,
+                deadline: now + grace,
+                killed: false,
+                then,
+            };
+        }
+        Run::Stopping {
+            pid,
+            since,
+            deadline,
+            killed,
+            ..
+        } => {
+            s.run = Run::Stopping {
+                pid,
+                since,
+                deadline,
+                killed,
+                then,
+            };
+        }
+        Run::Absent if then == AfterStop::Restart => s.run = Run::Waiting,
+        _ => {
+            s.run = match then {
+                AfterStop::Restart => Run::Waiting,
+                AfterStop::Stay => Run::Stopped,
+            }
+        }
+    }
 }
 
 fn open_log(dir: &Path, name: &str, cfg: &LogConfig) -> Option<LogFile> {
