@@ -24,12 +24,16 @@ pub enum ShutdownKind {
     PowerOff,
 }
 
+/// What a reload did, in words, and the names whose logs can be asked for after it.
+pub type Reloaded = (Vec<String>, Vec<String>);
+
 /// A request for the main loop.
 #[derive(Debug)]
 pub enum Command {
     List(SyncSender<Vec<ServiceStatus>>),
     Restart(String, SyncSender<Result<(), String>>),
-    Reload(Vec<String>, SyncSender<Result<Vec<String>, String>>),
+    /// Reply: what was done, and the names whose logs can be asked for now.
+    Reload(Vec<String>, SyncSender<Result<Reloaded, String>>),
     Shutdown(ShutdownKind),
 }
 
@@ -41,7 +45,8 @@ const DEFAULT_TAIL: u64 = 64 * 1024;
 struct Shared {
     commands: Sender<Command>,
     wake: OwnedFd,
-    names: Vec<String>,
+    /// The services (and keel-init) whose logs can be asked for; a reload changes them.
+    names: std::sync::Mutex<Vec<String>>,
     log_dir: PathBuf,
 }
 
@@ -85,7 +90,7 @@ impl Server {
         let shared = Arc::new(Shared {
             commands: tx,
             wake: ww,
-            names,
+            names: std::sync::Mutex::new(names),
             log_dir,
         });
         std::thread::Builder::new()
@@ -227,7 +232,10 @@ fn serve(stream: UnixStream, shared: &Shared) -> std::io::Result<()> {
                     Err("keel-init is shutting down".into())
                 };
                 match r {
-                    Ok(changes) => reply(&mut w, &Response::Reloaded { changes })?,
+                    Ok((changes, names)) => {
+                        *shared.names.lock().unwrap_or_else(|e| e.into_inner()) = names;
+                        reply(&mut w, &Response::Reloaded { changes })?
+                    }
                     Err(e) => error(&mut w, e)?,
                 }
             }
@@ -246,7 +254,12 @@ fn serve(stream: UnixStream, shared: &Shared) -> std::io::Result<()> {
                 follow,
                 tail_bytes,
             } => {
-                if !shared.names.contains(&service) {
+                let known = shared
+                    .names
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .contains(&service);
+                if !known {
                     error(&mut w, format!("there is no service {service:?}"))?;
                     continue;
                 }

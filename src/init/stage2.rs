@@ -542,7 +542,12 @@ pub fn run(opts: &Stage2Options) -> ShutdownKind {
                         let _ = reply.send(sup.restart(&name, now));
                     }
                     Command::Reload(names, reply) => {
-                        let _ = reply.send(reload(&mut sup, &opts.config, &names, now));
+                        let r = reload(&mut sup, &opts.config, &names, now).map(|done| {
+                            let mut names = sup.names();
+                            names.push(super::log::SELF.to_string());
+                            (done, names)
+                        });
+                        let _ = reply.send(r);
                     }
                     Command::Shutdown(k) => {
                         log(format!("{k:?} requested over the control socket"));
