@@ -278,6 +278,9 @@ fn a_kubernetes_node_joins_runs_pods_survives_an_update_and_rolls_back_a_broken_
         "pinned",
         serde_json::json!({
             "nodeName": NODE,
+            // the broken update keeps the node NotReady for minutes: without this the node
+            // lifecycle controller evicts the pod after the default 300 s (as it should)
+            "tolerations": [{"operator": "Exists", "effect": "NoExecute"}],
             "automountServiceAccountToken": false,
             "containers": [{"name": "pause", "image": cl.pause_image()}]
         }),

@@ -552,7 +552,9 @@ fn a_reload_takes_on_changed_added_and_removed_services() {
             && s.iter().all(|x| x.state == ServiceState::Running)
     });
     // the added service's log can be asked for
-    node.client().logs("added", None).expect("the added service's log");
+    node.client()
+        .logs("added", None)
+        .expect("the added service's log");
     // other was not named: same process, old arguments
     assert_eq!(status(&s, "other").pid, other_pid);
     let cmdline = |pid: i32| {
