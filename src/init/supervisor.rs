@@ -361,25 +361,11 @@ impl Supervisor {
             .iter_mut()
             .find(|s| s.cfg.name == name)
             .ok_or_else(|| format!("there is no service {name:?}"))?;
-        match s.run.clone() {
-            Run::Running { pid, since } => {
-                note(s, &format!("restart requested; sending SIGTERM to {pid}"));
-                signal_group(pid, Signal::SIGTERM);
-                s.run = Run::Stopping {
-                    pid,
-                    since,
-                    deadline: now + grace,
-                    killed: false,
-                    then: AfterStop::Restart,
-                };
-            }
-            Run::Stopping { .. } => {}
-            Run::Absent => return Err(format!("{name} is not in this image")),
-            _ => {
-                s.failures = 0;
-                s.run = Run::Waiting;
-            }
+        if s.run == Run::Absent {
+            return Err(format!("{name} is not in this image"));
         }
+        s.failures = 0;
+        stop_then(s, AfterStop::Restart, "restart requested", grace, now);
         self.tick(now);
         Ok(())
     }
@@ -450,7 +436,13 @@ impl Supervisor {
                             }
                         ));
                         s.failures = 0;
-                        stop_then(&mut s, AfterStop::Restart, self.grace, now);
+                        stop_then(
+                            &mut s,
+                            AfterStop::Restart,
+                            "configuration changed",
+                            self.grace,
+                            now,
+                        );
                     }
                     s
                 }
@@ -471,7 +463,7 @@ impl Supervisor {
         for name in &removed {
             let grace = self.grace;
             if let Some(s) = self.services.iter_mut().find(|s| &s.cfg.name == name) {
-                stop_then(s, AfterStop::Stay, grace, now);
+                stop_then(s, AfterStop::Stay, "no longer configured", grace, now);
                 done.push(format!("{name}: no longer configured, stopped"));
             }
         }
@@ -648,14 +640,13 @@ fn no_children() -> bool {
 }
 
 /// Stop `s` (SIGTERM now, SIGKILL after the grace period) and then `then`; a service that
-/// is not running goes straight to waiting (`Restart`) or stopped (`Stay`).
-fn stop_then(s: &mut Service, then: AfterStop, grace: Duration, now: Duration) {
-    match s.run.clone() {
+/// is not running goes straight to waiting (`Restart`) or stopped (`Stay`). `why` goes into
+/// its log.
+fn stop_then(s: &mut Service, then: AfterStop, why: &str, grace: Duration, now: Duration) {
+    match &mut s.run {
         Run::Running { pid, since } => {
-            note(
-                s,
-                &format!("configuration changed; sending SIGTERM to {pid}"),
-            );
+            let (pid, since) = (*pid, *since);
+            note(s, &format!("{why}; sending SIGTERM to {pid}"));
             signal_group(pid, Signal::SIGTERM);
             s.run = Run::Stopping {
                 pid,
@@ -665,22 +656,7 @@ fn stop_then(s: &mut Service, then: AfterStop, grace: Duration, now: Duration) {
                 then,
             };
         }
-        Run::Stopping {
-            pid,
-            since,
-            deadline,
-            killed,
-            ..
-        } => {
-            s.run = Run::Stopping {
-                pid,
-                since,
-                deadline,
-                killed,
-                then,
-            };
-        }
-        Run::Absent if then == AfterStop::Restart => s.run = Run::Waiting,
+        Run::Stopping { then: t, .. } => *t = then,
         _ => {
             s.run = match then {
                 AfterStop::Restart => Run::Waiting,
