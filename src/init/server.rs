@@ -210,35 +210,17 @@ fn serve(stream: UnixStream, shared: &Shared) -> std::io::Result<()> {
                     None => error(&mut w, "keel-init is shutting down".into())?,
                 }
             }
-            Op::Restart { service } => {
-                let (tx, rx) = sync_channel(1);
-                let r = if shared.send(Command::Restart(service, tx)) {
-                    rx.recv()
-                        .unwrap_or(Err("keel-init is shutting down".into()))
-                } else {
-                    Err("keel-init is shutting down".into())
-                };
-                match r {
-                    Ok(()) => reply(&mut w, &Response::Done)?,
-                    Err(e) => error(&mut w, e)?,
+            Op::Restart { service } => match ask(shared, |tx| Command::Restart(service, tx)) {
+                Ok(()) => reply(&mut w, &Response::Done)?,
+                Err(e) => error(&mut w, e)?,
+            },
+            Op::Reload { services } => match ask(shared, |tx| Command::Reload(services, tx)) {
+                Ok((changes, names)) => {
+                    *shared.names.lock().unwrap_or_else(|e| e.into_inner()) = names;
+                    reply(&mut w, &Response::Reloaded { changes })?
                 }
-            }
-            Op::Reload { services } => {
-                let (tx, rx) = sync_channel(1);
-                let r = if shared.send(Command::Reload(services, tx)) {
-                    rx.recv()
-                        .unwrap_or(Err("keel-init is shutting down".into()))
-                } else {
-                    Err("keel-init is shutting down".into())
-                };
-                match r {
-                    Ok((changes, names)) => {
-                        *shared.names.lock().unwrap_or_else(|e| e.into_inner()) = names;
-                        reply(&mut w, &Response::Reloaded { changes })?
-                    }
-                    Err(e) => error(&mut w, e)?,
-                }
-            }
+                Err(e) => error(&mut w, e)?,
+            },
             Op::Reboot | Op::PowerOff => {
                 let kind = if req.op == Op::Reboot {
                     ShutdownKind::Reboot
@@ -271,6 +253,19 @@ fn serve(stream: UnixStream, shared: &Shared) -> std::io::Result<()> {
             }
         }
     }
+}
+
+/// Hand the main loop a command that answers with a result, and wait for the answer.
+fn ask<T>(
+    shared: &Shared,
+    command: impl FnOnce(SyncSender<Result<T, String>>) -> Command,
+) -> Result<T, String> {
+    let down = || "keel-init is shutting down".to_string();
+    let (tx, rx) = sync_channel(1);
+    if !shared.send(command(tx)) {
+        return Err(down());
+    }
+    rx.recv().unwrap_or_else(|_| Err(down()))
 }
 
 fn send_chunk(w: &mut UnixStream, data: &[u8]) -> std::io::Result<()> {
