@@ -120,7 +120,13 @@ fn scenarios(shape: Shape, seed: u64) -> Vec<Scenario> {
     let mid = corrupt.len() / 2;
     corrupt[mid] ^= 0x55;
     let mut bsdf2 = Vec::new();
-    bsdf2::create(&v1, &v2, bsdf2::CreateFormat::Bsdf2Brotli, &mut bsdf2).expect("bsdf2");
+    bsdf2::create(
+        &v1,
+        &v2,
+        bsdf2::CreateFormat::Bsdf2Brotli(Default::default()),
+        &mut bsdf2,
+    )
+    .expect("bsdf2");
     let s = |name, full: &Vec<u8>, patch: Option<Vec<u8>>, expect_fallback| Scenario {
         name,
         shape,

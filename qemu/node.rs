@@ -183,7 +183,9 @@ fn build(dir: &Path, name: &str) {
         c.args(["--broken", b]);
     }
     if let Some(from) = delta_from {
+        // quality 9: as valid a patch as 11's, made in a fraction of the time
         c.arg("--delta-from").arg(dir.join(from));
+        c.args(["--delta-quality", "9"]);
     }
     if name == "v2-kernel" {
         c.arg("--kernel-package")

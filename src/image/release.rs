@@ -152,6 +152,8 @@ pub struct ReleaseInputs {
     pub zstd_level: i32,
     /// A previous release directory: write a delta (BSDF2) from its root image to this one.
     pub delta_from: Option<PathBuf>,
+    /// Brotli quality of the delta's streams (11 for releases; tests may go faster).
+    pub delta_quality: u32,
     /// The manifest's security version.
     pub security_version: u64,
     /// The minisign public keys the root image trusts (none: a development image, which
@@ -1096,7 +1098,15 @@ pub fn build(inputs: &ReleaseInputs, out: &Path) -> Result<Release, ImageError> 
     let (compressed_sha256, _) = sha256_file(&compressed)?;
     let delta = match &inputs.delta_from {
         None => None,
-        Some(prev) => Some(delta(prev, &root, out)?),
+        Some(prev) => Some(delta(
+            prev,
+            &root,
+            out,
+            crate::update::bsdf2::Bsdf2Params {
+                quality: inputs.delta_quality,
+                ..Default::default()
+            },
+        )?),
     };
     let rel = Release {
         version: inputs.version.clone(),
@@ -1160,7 +1170,12 @@ pub fn compress(image: &Path, out: &Path, level: i32) -> Result<u64, ImageError>
 
 /// Write the delta (BSDF2 with brotli streams, Android's bsdiff format) from the root image of
 /// the release in `prev` to `new`, into `out/delta-from-<version>.bsdiff`.
-pub fn delta(prev: &Path, new: &Path, out: &Path) -> Result<DeltaArtifact, ImageError> {
+pub fn delta(
+    prev: &Path,
+    new: &Path,
+    out: &Path,
+    params: crate::update::bsdf2::Bsdf2Params,
+) -> Result<DeltaArtifact, ImageError> {
     let mf = prev.join(BUILD_RECORD_FILE);
     let from: serde_json::Value = std::fs::read(&mf)
         .map_err(io(mf.display().to_string()))
@@ -1179,7 +1194,7 @@ pub fn delta(prev: &Path, new: &Path, out: &Path) -> Result<DeltaArtifact, Image
     let len = crate::update::bsdf2::create(
         &old,
         &new_bytes,
-        crate::update::bsdf2::CreateFormat::Bsdf2Brotli,
+        crate::update::bsdf2::CreateFormat::Bsdf2Brotli(params),
         std::io::BufWriter::new(f),
     )
     .map_err(io(format!(

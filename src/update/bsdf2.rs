@@ -13,15 +13,18 @@
 //! holds both images in memory, like every bsdiff.
 
 use super::bspatch::PatchError;
+use super::matcher::{self, Matching, Streams};
 use std::io::{Read, Write};
 
 /// The first five bytes of a BSDF2 patch.
 pub const MAGIC: &[u8; 5] = b"BSDF2";
 /// The first eight bytes of a classic BSDIFF40 patch.
 pub const BSDIFF40_MAGIC: &[u8; 8] = b"BSDIFF40";
-/// Brotli quality of the streams we write (0-11). 9 is the slowest setting whose encoder
-/// keeps up with bsdiff's own matching on a 400 MB image; see `ci/bench` for what it buys.
-pub const BROTLI_QUALITY: i32 = 9;
+/// Brotli quality of the streams we write by default (0-11): the best. On the Debian kernel
+/// pair of `ci/bench` it makes the patch 3.5 % smaller than quality 9 and the create step
+/// take about 1.8 times as long; decoding is no slower. Tests that only need a valid patch
+/// ask for less ([`Bsdf2Params::quality`]).
+pub const BROTLI_QUALITY: u32 = 11;
 /// Brotli window of the streams we write: 2^24 bytes, the largest standard brotli window
 /// (decoders need that much memory at most, whatever the patch says).
 pub const BROTLI_LGWIN: i32 = 24;
@@ -213,24 +216,43 @@ pub(crate) fn offtout(x: i64) -> [u8; 8] {
     b
 }
 
+/// How [`create`] makes a BSDF2 patch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Bsdf2Params {
+    pub matching: Matching,
+    /// Brotli quality of the three streams (0-11).
+    pub quality: u32,
+}
+
+impl Default for Bsdf2Params {
+    /// What `keel-image delta create` and releases use: near matching, quality 11.
+    fn default() -> Self {
+        Bsdf2Params {
+            matching: Matching::Near,
+            quality: BROTLI_QUALITY,
+        }
+    }
+}
+
 /// Which format [`create`] writes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CreateFormat {
-    /// BSDF2 with brotli streams: the default for `keel-image delta create` and releases.
-    Bsdf2Brotli,
+    /// BSDF2 with brotli streams, matched by [`super::matcher`]: the default for
+    /// `keel-image delta create` and releases.
+    Bsdf2Brotli(Bsdf2Params),
     /// Classic BSDIFF40 (bzip2 level 9, as classic bsdiff writes it).
     Bsdiff40,
 }
 
-/// Compress `data` as one brotli stream of our quality and window.
-fn brotli_stream(mut data: impl Read, size_hint: usize, out: &mut Vec<u8>) -> std::io::Result<()> {
+/// Compress `data` as one brotli stream of our window at `quality`.
+fn brotli_stream(data: &[u8], quality: u32, out: &mut Vec<u8>) -> std::io::Result<()> {
     let params = brotli::enc::BrotliEncoderParams {
-        quality: BROTLI_QUALITY,
+        quality: quality.min(11) as i32,
         lgwin: BROTLI_LGWIN,
-        size_hint,
+        size_hint: data.len(),
         ..Default::default()
     };
-    brotli::BrotliCompress(&mut data, out, &params).map(|_| ())
+    brotli::BrotliCompress(&mut &data[..], out, &params).map(|_| ())
 }
 
 /// Rewrite a BSDIFF40 patch as BSDF2 with brotli streams: the same control tuples, diff and
@@ -252,20 +274,44 @@ pub fn bsdiff40_to_bsdf2(patch: &[u8]) -> Result<Vec<u8>, PatchError> {
         (32 + c, 32 + c + d),
         (32 + c + d, patch.len()),
     ];
-    let mut streams: [Vec<u8>; 3] = Default::default();
+    let mut raw: [Vec<u8>; 3] = Default::default();
     for (i, (name, (s, e))) in ["control", "diff", "extra"].iter().zip(ranges).enumerate() {
-        let hint = if i == 1 { new_size as usize } else { 0 };
-        let corrupt = |e: std::io::Error| PatchError::Corrupt {
-            block: name,
-            why: e.to_string(),
-        };
-        brotli_stream(
-            bzip2::read::BzDecoder::new(&patch[s..e]),
-            hint,
-            &mut streams[i],
-        )
-        .map_err(corrupt)?;
+        bzip2::read::BzDecoder::new(&patch[s..e])
+            .read_to_end(&mut raw[i])
+            .map_err(|e| PatchError::Corrupt {
+                block: name,
+                why: e.to_string(),
+            })?;
     }
+    let [ctrl, diff, extra] = raw;
+    bsdf2_brotli(&Streams { ctrl, diff, extra }, new_size, BROTLI_QUALITY).map_err(|e| {
+        PatchError::Corrupt {
+            block: "patch",
+            why: e.to_string(),
+        }
+    })
+}
+
+/// A BSDF2 patch with brotli streams from raw streams, for an output of `new_size` bytes. The
+/// three streams are compressed on threads of their own (the diff stream takes longest).
+pub fn bsdf2_brotli(raw: &Streams, new_size: u64, quality: u32) -> std::io::Result<Vec<u8>> {
+    let streams = std::thread::scope(|t| {
+        let jobs: Vec<_> = [&raw.ctrl, &raw.diff, &raw.extra]
+            .into_iter()
+            .map(|data| {
+                t.spawn(move || {
+                    let mut out = Vec::new();
+                    brotli_stream(data, quality, &mut out).map(|()| out)
+                })
+            })
+            .collect();
+        jobs.into_iter()
+            .map(|j| {
+                j.join()
+                    .unwrap_or_else(|_| Err(std::io::Error::other("brotli encoder panicked")))
+            })
+            .collect::<std::io::Result<Vec<Vec<u8>>>>()
+    })?;
     let mut out = Vec::with_capacity(32 + streams.iter().map(Vec::len).sum::<usize>());
     out.extend_from_slice(MAGIC);
     out.extend_from_slice(&[Codec::Brotli as u8; 3]);
@@ -285,19 +331,19 @@ pub fn create(
     format: CreateFormat,
     mut out: impl Write,
 ) -> std::io::Result<u64> {
-    let mut classic = Vec::new();
-    qbsdiff::Bsdiff::new(old, new)
-        .compression_level(match format {
-            CreateFormat::Bsdiff40 => 9,
-            // only decoded again: the fastest bzip2 level
-            CreateFormat::Bsdf2Brotli => 1,
-        })
-        .compare(&mut classic)?;
     let patch = match format {
-        CreateFormat::Bsdiff40 => classic,
-        CreateFormat::Bsdf2Brotli => {
-            bsdiff40_to_bsdf2(&classic).map_err(|e| std::io::Error::other(e.to_string()))?
+        CreateFormat::Bsdiff40 => {
+            let mut classic = Vec::new();
+            qbsdiff::Bsdiff::new(old, new)
+                .compression_level(9)
+                .compare(&mut classic)?;
+            classic
         }
+        CreateFormat::Bsdf2Brotli(p) => bsdf2_brotli(
+            &matcher::diff(old, new, p.matching),
+            new.len() as u64,
+            p.quality,
+        )?,
     };
     out.write_all(&patch)?;
     out.flush()?;
@@ -348,7 +394,7 @@ mod tests {
                 }
                 2 => {
                     let mut out = Vec::new();
-                    brotli_stream(*s, s.len(), &mut out).unwrap();
+                    brotli_stream(s, BROTLI_QUALITY, &mut out).unwrap();
                     out
                 }
                 _ => s.to_vec(),
@@ -375,7 +421,11 @@ mod tests {
     #[test]
     fn bsdf2_round_trip_and_detection() {
         let (old, new) = pair();
-        let ours = make(&old, &new, CreateFormat::Bsdf2Brotli);
+        let ours = make(
+            &old,
+            &new,
+            CreateFormat::Bsdf2Brotli(Bsdf2Params::default()),
+        );
         assert_eq!(detect(&ours).unwrap(), Format::Bsdf2([Codec::Brotli; 3]));
         assert_eq!(&ours[..8], b"BSDF2\x02\x02\x02");
         assert_eq!(apply_in_memory(&old, ours.clone(), 1 << 30).unwrap(), new);
@@ -393,9 +443,9 @@ mod tests {
             classic.len()
         );
         // empty images both ways
-        let p = make(&old, &[], CreateFormat::Bsdf2Brotli);
+        let p = make(&old, &[], CreateFormat::Bsdf2Brotli(Bsdf2Params::default()));
         assert_eq!(apply_in_memory(&old, p, 10).unwrap(), Vec::<u8>::new());
-        let p = make(&[], &new, CreateFormat::Bsdf2Brotli);
+        let p = make(&[], &new, CreateFormat::Bsdf2Brotli(Bsdf2Params::default()));
         assert_eq!(apply_in_memory(&[], p, 1 << 30).unwrap(), new);
     }
 
@@ -425,7 +475,11 @@ mod tests {
     #[test]
     fn hostile_and_broken_headers_are_clear_errors() {
         let (old, new) = pair();
-        let good = make(&old, &new, CreateFormat::Bsdf2Brotli);
+        let good = make(
+            &old,
+            &new,
+            CreateFormat::Bsdf2Brotli(Bsdf2Params::default()),
+        );
         // unknown codec, named with the stream it is for
         for (at, name) in [(5, "control"), (6, "diff"), (7, "extra")] {
             let mut bad = good.clone();
@@ -516,7 +570,11 @@ mod tests {
         let old: Vec<u8> = (0..2_000_000u32).map(|i| (i % 253) as u8).collect();
         let mut new = old.clone();
         new[700_000..700_010].fill(1);
-        let p = make(&old, &new, CreateFormat::Bsdf2Brotli);
+        let p = make(
+            &old,
+            &new,
+            CreateFormat::Bsdf2Brotli(Bsdf2Params::default()),
+        );
         let mut pt = Patcher::new(p, old.len() as u64, 1 << 30).unwrap();
         let mut out = Vec::new();
         loop {

@@ -15,6 +15,7 @@ pub mod checkpoint;
 pub mod driver;
 pub mod engine;
 pub mod manifest;
+pub mod matcher;
 pub mod record;
 pub mod zframes;
 

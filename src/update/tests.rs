@@ -326,7 +326,13 @@ fn bsdf2_delta_install_applies_and_broken_ones_fall_back() {
     v2[1000..5000].copy_from_slice(&image(9, 4000));
     v2.extend_from_slice(&image(3, 20_000));
     let mut patch = Vec::new();
-    create(&v1, &v2, CreateFormat::Bsdf2Brotli, &mut patch).unwrap();
+    create(
+        &v1,
+        &v2,
+        CreateFormat::Bsdf2Brotli(Default::default()),
+        &mut patch,
+    )
+    .unwrap();
     assert!(patch.starts_with(b"BSDF2"));
     let mut z = Vec::new();
     zframes::compress(&v2[..], &mut z, 3, 64 * 1024).unwrap();

@@ -68,6 +68,11 @@ pub struct ReleaseArgs {
     /// A previous release directory: also write the delta (BSDF2) from it.
     #[arg(long)]
     delta_from: Option<PathBuf>,
+    /// Brotli quality (0-11) of the delta's streams: 11 makes the smallest patch, lower
+    /// qualities make it faster.
+    #[arg(long, default_value_t = keelos::update::bsdf2::BROTLI_QUALITY,
+          value_parser = clap::value_parser!(u32).range(0..=11))]
+    delta_quality: u32,
     /// The manifest's security version: nodes refuse a release with a lower one than they run
     /// (unless told --allow-downgrade). Raise it when a release fixes a vulnerability.
     #[arg(long, default_value_t = 0)]
@@ -171,6 +176,7 @@ pub fn run(cmd: BuildCmd) -> Result<(), String> {
                 broken: a.broken,
                 kernel_package: a.kernel_package,
                 zstd_level: a.zstd_level,
+                delta_quality: a.delta_quality,
                 delta_from: a.delta_from,
                 security_version: a.security_version,
                 trust,

@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 use keelos::block::FileDevice;
 use keelos::bootctl::{self, store, Slot, DEFAULT_TRIES};
 use keelos::disk::{self, LayoutSpec};
+use keelos::update::matcher::Matching;
 use keelos::update::{self, bsdf2, bspatch, checkpoint, driver, record, zframes};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -142,6 +143,12 @@ enum PatchFormat {
     Bsdiff40,
 }
 
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum MatchingArg {
+    Near,
+    Bsdiff,
+}
+
 #[derive(Subcommand)]
 enum DeltaCmd {
     /// Make PATCH that turns OLD into NEW.
@@ -153,6 +160,11 @@ enum DeltaCmd {
         /// bsdiff40: classic bsdiff's format (bzip2), for tools that read nothing else.
         #[arg(long, value_enum, default_value_t = PatchFormat::Bsdf2)]
         format: PatchFormat,
+        /// How source matches are chosen for a bsdf2 patch. near: among nearly-longest exact
+        /// matches, one near the current alignment (smaller patches of OS images); bsdiff:
+        /// always the longest, as bsdiff 4.3 does (for comparison). Default: near.
+        #[arg(long, value_enum)]
+        matching: Option<MatchingArg>,
     },
     /// Apply PATCH to OLD, writing NEW.
     Apply {
@@ -510,6 +522,7 @@ fn run(cli: Cli) -> Result<(), String> {
             new,
             patch,
             format,
+            matching,
         }) => {
             let read = |p: &Path| {
                 std::fs::read(p).map_err(|e| format!("cannot read {}: {e}", p.display()))
@@ -517,9 +530,24 @@ fn run(cli: Cli) -> Result<(), String> {
             let (o, n) = (read(&old)?, read(&new)?);
             let f = std::fs::File::create(&patch)
                 .map_err(|e| format!("cannot create {}: {e}", patch.display()))?;
-            let format = match format {
-                PatchFormat::Bsdf2 => bsdf2::CreateFormat::Bsdf2Brotli,
-                PatchFormat::Bsdiff40 => bsdf2::CreateFormat::Bsdiff40,
+            let format = match (format, matching) {
+                (PatchFormat::Bsdf2, None | Some(MatchingArg::Near)) => {
+                    bsdf2::CreateFormat::Bsdf2Brotli(bsdf2::Bsdf2Params::default())
+                }
+                (PatchFormat::Bsdf2, Some(MatchingArg::Bsdiff)) => {
+                    bsdf2::CreateFormat::Bsdf2Brotli(bsdf2::Bsdf2Params {
+                        matching: Matching::Bsdiff,
+                        ..Default::default()
+                    })
+                }
+                (PatchFormat::Bsdiff40, None) => bsdf2::CreateFormat::Bsdiff40,
+                (PatchFormat::Bsdiff40, Some(_)) => {
+                    return Err(
+                        "--matching applies to bsdf2 patches; bsdiff40 patches are made with \
+                         qbsdiff's matching (leave --matching out)"
+                            .to_string(),
+                    )
+                }
             };
             bsdf2::create(&o, &n, format, std::io::BufWriter::new(f))
                 .map_err(|e| format!("cannot write {}: {e}", patch.display()))?;
