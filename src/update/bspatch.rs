@@ -55,7 +55,7 @@ pub enum PatchError {
 }
 
 /// Sign-magnitude 64-bit integer, as bsdiff stores it.
-fn offtin(b: &[u8]) -> i64 {
+pub(crate) fn offtin(b: &[u8]) -> i64 {
     let mut x = [0u8; 8];
     x.copy_from_slice(&b[..8]);
     let neg = x[7] & 0x80 != 0;

@@ -245,18 +245,7 @@ mod tests {
 
     /// The source ranges the add parts of a patch read: (old position, length).
     fn add_ranges(s: &Streams) -> Vec<(i64, i64)> {
-        let num = |b: &[u8]| {
-            let mut x = [0u8; 8];
-            x.copy_from_slice(b);
-            let neg = x[7] & 0x80 != 0;
-            x[7] &= 0x7F;
-            let m = i64::from_le_bytes(x);
-            if neg {
-                -m
-            } else {
-                m
-            }
-        };
+        use crate::update::bspatch::offtin as num;
         let mut pos = 0;
         let mut out = Vec::new();
         for t in s.ctrl.chunks(24) {
