@@ -222,14 +222,18 @@ pub struct Bsdf2Params {
     pub matching: Matching,
     /// Brotli quality of the three streams (0-11).
     pub quality: u32,
+    /// Look for each file's bytes in its old version first, when both images are SquashFS
+    /// with uncompressed metadata ([`super::sqfsmap`]); otherwise match over the whole image.
+    pub per_file: bool,
 }
 
 impl Default for Bsdf2Params {
-    /// What `keel-image delta create` and releases use: near matching, quality 11.
+    /// What `keel-image delta create` and releases use: per-file and near matching, quality 11.
     fn default() -> Self {
         Bsdf2Params {
             matching: Matching::Near,
             quality: BROTLI_QUALITY,
+            per_file: true,
         }
     }
 }
@@ -339,11 +343,17 @@ pub fn create(
                 .compare(&mut classic)?;
             classic
         }
-        CreateFormat::Bsdf2Brotli(p) => bsdf2_brotli(
-            &matcher::diff(old, new, p.matching),
-            new.len() as u64,
-            p.quality,
-        )?,
+        CreateFormat::Bsdf2Brotli(p) => {
+            let files = match p.per_file {
+                true => super::sqfsmap::image_pairs(old, new).unwrap_or_default(),
+                false => Vec::new(),
+            };
+            bsdf2_brotli(
+                &matcher::diff_files(old, new, p.matching, &files),
+                new.len() as u64,
+                p.quality,
+            )?
+        }
     };
     out.write_all(&patch)?;
     out.flush()?;

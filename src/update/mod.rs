@@ -17,6 +17,7 @@ pub mod engine;
 pub mod manifest;
 pub mod matcher;
 pub mod record;
+pub mod sqfsmap;
 pub mod zframes;
 
 pub use engine::{

@@ -8,6 +8,7 @@ use keelos::block::FileDevice;
 use keelos::bootctl::{self, store, Slot, DEFAULT_TRIES};
 use keelos::disk::{self, LayoutSpec};
 use keelos::update::matcher::Matching;
+use keelos::update::sqfsmap;
 use keelos::update::{self, bsdf2, bspatch, checkpoint, driver, record, zframes};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -145,6 +146,7 @@ enum PatchFormat {
 
 #[derive(Clone, Copy, clap::ValueEnum)]
 enum MatchingArg {
+    Files,
     Near,
     Bsdiff,
 }
@@ -160,11 +162,16 @@ enum DeltaCmd {
         /// bsdiff40: classic bsdiff's format (bzip2), for tools that read nothing else.
         #[arg(long, value_enum, default_value_t = PatchFormat::Bsdf2)]
         format: PatchFormat,
-        /// How source matches are chosen for a bsdf2 patch. near: among nearly-longest exact
-        /// matches, one near the current alignment (smaller patches of OS images); bsdiff:
-        /// always the longest, as bsdiff 4.3 does (for comparison). Default: near.
+        /// How source matches are chosen for a bsdf2 patch. files: as near, but inside each
+        /// file of a SquashFS image (uncompressed metadata, as KeelOS roots are) the file's own
+        /// old version is searched first; near: among nearly-longest exact matches, one near
+        /// the current alignment; bsdiff: always the longest, as bsdiff 4.3 does (for
+        /// comparison). Default: files (near when the images are not such SquashFS images).
         #[arg(long, value_enum)]
         matching: Option<MatchingArg>,
+        /// Brotli quality of a bsdf2 patch's streams, 0-11 (default 11).
+        #[arg(long, value_parser = clap::value_parser!(u32).range(0..=11))]
+        quality: Option<u32>,
     },
     /// Apply PATCH to OLD, writing NEW.
     Apply {
@@ -523,6 +530,7 @@ fn run(cli: Cli) -> Result<(), String> {
             patch,
             format,
             matching,
+            quality,
         }) => {
             let read = |p: &Path| {
                 std::fs::read(p).map_err(|e| format!("cannot read {}: {e}", p.display()))
@@ -531,20 +539,31 @@ fn run(cli: Cli) -> Result<(), String> {
             let f = std::fs::File::create(&patch)
                 .map_err(|e| format!("cannot create {}: {e}", patch.display()))?;
             let format = match (format, matching) {
-                (PatchFormat::Bsdf2, None | Some(MatchingArg::Near)) => {
-                    bsdf2::CreateFormat::Bsdf2Brotli(bsdf2::Bsdf2Params::default())
-                }
-                (PatchFormat::Bsdf2, Some(MatchingArg::Bsdiff)) => {
+                (PatchFormat::Bsdf2, m) => {
+                    let (matching, per_file) = match m.unwrap_or(MatchingArg::Files) {
+                        MatchingArg::Files => (Matching::Near, true),
+                        MatchingArg::Near => (Matching::Near, false),
+                        MatchingArg::Bsdiff => (Matching::Bsdiff, false),
+                    };
+                    if per_file {
+                        match sqfsmap::image_pairs(&o, &n) {
+                            Ok(p) => eprintln!("per-file matching: {} file ranges paired", p.len()),
+                            Err(e) => eprintln!(
+                                "no per-file matching ({e}); matching over the whole image"
+                            ),
+                        }
+                    }
                     bsdf2::CreateFormat::Bsdf2Brotli(bsdf2::Bsdf2Params {
-                        matching: Matching::Bsdiff,
-                        ..Default::default()
+                        matching,
+                        per_file,
+                        quality: quality.unwrap_or(bsdf2::BROTLI_QUALITY),
                     })
                 }
-                (PatchFormat::Bsdiff40, None) => bsdf2::CreateFormat::Bsdiff40,
-                (PatchFormat::Bsdiff40, Some(_)) => {
+                (PatchFormat::Bsdiff40, None) if quality.is_none() => bsdf2::CreateFormat::Bsdiff40,
+                (PatchFormat::Bsdiff40, _) => {
                     return Err(
-                        "--matching applies to bsdf2 patches; bsdiff40 patches are made with \
-                         qbsdiff's matching (leave --matching out)"
+                        "--matching and --quality apply to bsdf2 patches; bsdiff40 patches are \
+                         made with qbsdiff's matching and bzip2 -9 (leave them out)"
                             .to_string(),
                     )
                 }
