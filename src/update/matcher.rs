@@ -469,7 +469,7 @@ mod tests {
                 }
             }
             let (nl, ol) = (new.len() as u64, old.len() as u64);
-            let mut files: Vec<Pair> = map
+            let files = crate::update::sqfsmap::disjoint(map
                 .iter()
                 .map(|&(a, n, b, m, two)| {
                     let a = a as u64 % (nl + 1);
@@ -481,16 +481,7 @@ mod tests {
                     }
                     Pair { new: a..(a + n as u64).min(nl), old: olds }
                 })
-                .collect();
-            files.sort_by_key(|p| p.new.start);
-            let mut end = 0;
-            files.retain(|p| {
-                let keep = p.new.start >= end && !p.new.is_empty();
-                if keep {
-                    end = p.new.end;
-                }
-                keep
-            });
+                .collect());
             for m in [Matching::Bsdiff, Matching::Near] {
                 let s = diff(&old, &new, m);
                 prop_assert_eq!(apply(&old, &s, new.len()), new.clone(), "{:?}", m);

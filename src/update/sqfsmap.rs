@@ -375,16 +375,22 @@ pub fn pairs(old: &[FileExtent], new: &[FileExtent]) -> Vec<Pair> {
             });
         }
     }
-    out.sort_by_key(|p| (p.new.start, std::cmp::Reverse(p.new.end)));
+    disjoint(out)
+}
+
+/// `pairs` sorted by new offset, without empty ones and without any that overlaps one before
+/// it (the first of those kept): what [`super::matcher::diff_files`] expects.
+pub fn disjoint(mut pairs: Vec<Pair>) -> Vec<Pair> {
+    pairs.sort_by_key(|p| (p.new.start, std::cmp::Reverse(p.new.end)));
     let mut end = 0;
-    out.retain(|p| {
+    pairs.retain(|p| {
         let keep = p.new.start >= end && !p.new.is_empty();
         if keep {
             end = p.new.end;
         }
         keep
     });
-    out
+    pairs
 }
 
 /// The pairs for a patch from `old` to `new`, both SquashFS images with uncompressed metadata.
