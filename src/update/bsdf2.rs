@@ -344,9 +344,10 @@ pub fn create(
             classic
         }
         CreateFormat::Bsdf2Brotli(p) => {
-            let files = match p.per_file {
-                true => super::sqfsmap::image_pairs(old, new).unwrap_or_default(),
-                false => Vec::new(),
+            let files = if p.per_file {
+                super::sqfsmap::image_pairs(old, new).unwrap_or_default()
+            } else {
+                Vec::new()
             };
             bsdf2_brotli(
                 &matcher::diff_files(old, new, p.matching, &files),

@@ -210,14 +210,12 @@ pub fn diff_files(old: &[u8], new: &[u8], matching: Matching, files: &[Pair]) ->
         scan += len;
         let mut scsc = scan;
         while scan < newsize {
-            (pos, len) = index.search(
-                &new[scan as usize..],
-                [scan + lastoffset, scan + home],
-                matching,
-            );
-            if let Some(f) = in_file.search(scan, &new[scan as usize..]) {
-                (pos, len) = f;
-            }
+            let pat = &new[scan as usize..];
+            // the whole image only where the file's old version has no match
+            (pos, len) = match in_file.search(scan, pat) {
+                Some(f) => f,
+                None => index.search(pat, [scan + lastoffset, scan + home], matching),
+            };
             while scsc < scan + len {
                 let i = scsc + lastoffset;
                 if (0..oldsize).contains(&i) && o(i) == n(scsc) {
